@@ -2,6 +2,7 @@
 written straight from the paper, the edge cases, the loaders on fixtures in
 the published formats, and the command line end to end. CPU only."""
 import json
+import re
 import math
 import os
 import subprocess
@@ -375,6 +376,114 @@ def test_imagefolder_loader(tmp_path):
     assert train[0][0].shape == (3, 16, 16)  # grayscale -> 3 channels
 
 
+def write_affectnet_csv(root):
+    (root / "Manually_Annotated_file_lists").mkdir(parents=True)
+    head = "subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,valence,arousal"
+    for name, codes in (("training.csv", [0, 1, 7, 8, 10, 3]), ("validation.csv", [7, 2, 9])):
+        lines = [head]
+        for i, code in enumerate(codes):
+            rel = f"{i + 1}/{name[:3]}{i}.jpg"
+            (root / "Manually_Annotated_Images" / str(i + 1)).mkdir(parents=True, exist_ok=True)
+            img = Image.new("RGB", (60, 60), (0, 0, 255))
+            img.paste((200, 30 * code, 10), (20, 10, 50, 40))  # the face box: x 20, y 10, 30 x 30
+            img.save(root / "Manually_Annotated_Images" / rel)
+            lines.append(f'{rel},20,10,30,30,"1.0;2.0;3.0",{code},0.1,-0.2')
+        (root / "Manually_Annotated_file_lists" / name).write_text("\n".join(lines) + "\n")
+
+
+def test_affectnet_csv_layout_crops_the_face_box_and_drops_codes_8_to_10(tmp_path):
+    write_affectnet_csv(tmp_path)
+    train = fs.load_dataset("affectnet", tmp_path, "train", 16)
+    assert train.labels.tolist() == [0, 1, 7, 3] and train.classes[7] == "contempt"
+    img = train[3][0]
+    assert (img[:, 8, 8].int() - torch.tensor([200, 90, 10])).abs().max() <= 8  # JPEG tolerance
+    assert (img[2, 2:-2, 2:-2] < 60).all()  # cropped to the box: no blue border left
+    seven = fs.load_dataset("affectnet", tmp_path, "train", 16, classes=7)
+    assert seven.labels.tolist() == [0, 1, 3] and len(seven.classes) == 7
+    test = fs.load_dataset("affectnet", tmp_path, "test", 16)  # the validation set is the test set
+    assert test.labels.tolist() == [7, 2]
+
+
+def test_affectnet_npy_layout(tmp_path):
+    for split, codes in (("train_set", [4, 10, 6]), ("val_set", [5])):
+        (tmp_path / split / "images").mkdir(parents=True)
+        (tmp_path / split / "annotations").mkdir()
+        for i, code in enumerate(codes):
+            Image.new("RGB", (40, 40), (i, 0, 0)).save(tmp_path / split / "images" / f"{i}.jpg")
+            np.save(tmp_path / split / "annotations" / f"{i}_exp.npy", np.array(str(code)))
+    train = fs.load_dataset("affectnet", tmp_path, "train", 32)
+    assert train.labels.tolist() == [4, 6] and train[1][0].shape == (3, 32, 32)
+    assert fs.load_dataset("affectnet", tmp_path, "test", 32).labels.tolist() == [5]
+
+
+FERPLUS_HEAD = "Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF"
+VOTES = {  # votes -> (majority, argmax)
+    "6,0,0,0,0,0,0,0,4,0": (0, 0),
+    "4,0,0,1,3,2,0,0,0,0": (-1, 0),   # 4 of 9 after dropping the single vote: no majority
+    "1,0,0,0,0,0,0,0,0,9": (-1, -1),  # non-face wins
+    "0,3,0,0,0,0,0,2,1,0": (1, 1),    # single votes dropped: 3 of 5
+    "1,1,1,1,1,1,1,1,1,1": (-1, 0),   # all single votes
+    "0,0,0,0,0,0,0,5,4,1": (7, 7),
+    "2,0,3,0,0,0,0,0,5,0": (-1, -1),  # unknown wins
+    "0,0,0,0,0,2,2,0,0,0": (-1, 5),   # a tie: no majority; argmax takes the first
+}
+
+
+@pytest.mark.parametrize("votes", VOTES)
+def test_ferplus_label_rules(votes):
+    v = [int(x) for x in votes.split(",")]
+    assert (fs.ferplus_label(v, "majority"), fs.ferplus_label(v, "argmax")) == VOTES[votes]
+
+
+def test_ferplus_csv_layout_row_for_row_with_empty_names_dropped(tmp_path):
+    pix = lambda k: " ".join(str((k * 40 + i) % 256) for i in range(48 * 48))
+    rows = [("Training", "fer0.png", "6,0,0,0,0,0,0,0,4,0"), ("Training", "", "0,9,0,0,0,0,0,0,0,0"),
+            ("Training", "fer2.png", "4,0,0,1,3,2,0,0,0,0"), ("Training", "fer3.png", "0,3,0,0,0,0,0,2,1,0"),
+            ("PublicTest", "fer4.png", "0,0,8,0,0,0,0,0,0,0"), ("PrivateTest", "fer5.png", "0,0,0,0,0,0,0,5,4,1")]
+    (tmp_path / "fer2013.csv").write_text("emotion,pixels,Usage\n" + "".join(f'0,"{pix(k)}",{u}\n' for k, (u, _, _) in enumerate(rows)))
+    (tmp_path / "fer2013new.csv").write_text(FERPLUS_HEAD + "\n" + "".join(f"{u},{n},{v}\n" for u, n, v in rows))
+    train = fs.load_dataset("ferplus", tmp_path, "train", 48)
+    assert train.labels.tolist() == [0, 1] and train.classes == fs.FERPLUS_CLASSES
+    img = train[1][0]  # row 3 (fer3.png): grayscale replicated to 3 channels
+    assert img.shape == (3, 48, 48) and torch.equal(img[0], img[2]) and img[0, 0, 0] == 120
+    assert fs.load_dataset("ferplus", tmp_path, "train", 48, label_rule="argmax").labels.tolist() == [0, 0, 1]
+    assert fs.load_dataset("ferplus", tmp_path, "test", 48).labels.tolist() == [7]  # PrivateTest only
+    (tmp_path / "fer2013new.csv").write_text(FERPLUS_HEAD + "\nTraining,fer0.png,1,2\n")
+    with pytest.raises(fs.UserError, match="row for row"):
+        fs.load_dataset("ferplus", tmp_path, "train", 48)
+
+
+def test_ferplus_folder_layout(tmp_path):
+    for split, votes in (("FER2013Train", ["6,0,0,0,0,0,0,0,4,0", "4,0,0,1,3,2,0,0,0,0"]), ("FER2013Test", ["0,0,8,0,0,0,0,0,0,0"])):
+        (tmp_path / split).mkdir()
+        lines = []
+        for i, v in enumerate(votes):
+            Image.new("L", (48, 48), 50 * i).save(tmp_path / split / f"fer{i:07d}.png")
+            lines.append(f'fer{i:07d}.png,"(0, 0, 48, 48)",{v}')
+        (tmp_path / split / "label.csv").write_text("\n".join(lines) + "\n")
+    assert fs.load_dataset("ferplus", tmp_path, "train", 40).labels.tolist() == [0]
+    assert fs.load_dataset("ferplus", tmp_path, "train", 40, label_rule="argmax").labels.tolist() == [0, 0]
+    test = fs.load_dataset("ferplus", tmp_path, "test", 40)
+    assert test.labels.tolist() == [2] and test[0][0].shape == (3, 40, 40)
+
+
+@pytest.mark.parametrize("name,expected", [("rafdb", "list_patition_label.txt"), ("affectnet", "training.csv"),
+                                           ("ferplus", "fer2013new.csv"), ("imagefolder", "train")])
+def test_missing_layout_names_the_expected_files(tmp_path, name, expected):
+    with pytest.raises(fs.UserError, match=expected) as e:
+        fs.load_dataset(name, tmp_path, "train", 64)
+    assert "expected" in str(e.value) and "ROOT/" in str(e.value)  # shows the layout
+
+
+def test_balanced_sampler_equalises_class_frequencies():
+    labels = torch.tensor([0] * 900 + [1] * 90 + [2] * 10)
+    order = torch.cat([fs.epoch_order(labels, "balanced", 0, e) for e in range(1, 11)])
+    freq = torch.bincount(labels[order], minlength=3) / len(order)
+    assert len(fs.epoch_order(labels, "balanced", 0, 1)) == 1000  # an epoch is as long as the training set
+    assert torch.allclose(freq, torch.full((3,), 1 / 3), atol=0.03)
+    assert sorted(fs.epoch_order(labels, "shuffle", 0, 1).tolist()) == list(range(1000))
+
+
 def test_synthetic_faces_are_deterministic_per_index():
     a, b = fs.SyntheticFaces(20, "train", 64, seed=1), fs.SyntheticFaces(20, "train", 64, seed=1)
     assert torch.equal(a[7][0], b[7][0]) and torch.equal(a.labels, b.labels)
@@ -425,3 +534,135 @@ def test_label_noise_run_logs_relabel_precision_and_recall(tmp_path):
     row = res["history"][-1]
     assert "relabel_precision" in row and "relabel_recall" in row
     assert 0 <= row["relabel_precision"] <= 1 and 0 <= row["relabel_recall"] <= 1
+
+
+def test_predict_and_eval_use_only_the_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    fs.main(TINY + ["--epochs", "1", "--arm", "--out", str(out)])  # ARM on: both eval modes exist
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    Image.new("L", (100, 80), 120).save(faces / "gray.png")  # any size, grayscale
+    Image.fromarray(fs.SyntheticFaces(1, "test", 130)[0][0].permute(1, 2, 0).numpy()).save(faces / "face.jpg")
+    capsys.readouterr()
+    res = fs.main(["--predict", str(faces / "gray.png"), str(faces / "face.jpg"), "--checkpoint", str(out / "best.pt")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(str(faces / "gray.png") + ": ")
+    for top in res.values():
+        assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1] and top[0][0] in fs.RAFDB_CLASSES
+    res = fs.main(["--eval", str(out / "best.pt"), "--arm-eval", "batch", "--workers", "0"])
+    text = capsys.readouterr().out
+    assert set(res) == {"running", "batch"} and "batch-independent" in text and "official" in text
+    assert (out / "best_confusion.png").is_file() and (out / "best_confusion_batch.txt").is_file()
+    metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert res["running"]["acc"] == pytest.approx(metrics["test_acc"])  # the same number as during training
+
+
+def run_cli(args, **kw):
+    return subprocess.run([sys.executable, str(HERE / "fer_supcon.py"), *args], capture_output=True, text=True,
+                          cwd=kw.pop("cwd", None), timeout=kw.pop("timeout", 300), **kw)
+
+
+def final_weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_resume_after_sigkill_gives_bitwise_equal_weights(tmp_path):
+    args = TINY + ["--epochs", "4", "--cuem-start", "2", "--alpha", "3", "--seed", "5"]
+    assert run_cli(args + ["--out", str(tmp_path / "whole")]).returncode == 0
+    proc = subprocess.Popen([sys.executable, str(HERE / "fer_supcon.py"), *args, "--out", str(tmp_path / "cut")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "cut" / "last.pt"
+    while not last.exists() and proc.poll() is None:
+        pass
+    proc.kill()  # SIGKILL: no chance to clean up
+    proc.wait()
+    epoch = torch.load(last, weights_only=True)["epoch"]
+    assert epoch < 4
+    done = run_cli(["--resume", str(last)])
+    assert done.returncode == 0, done.stderr
+    assert f"resumed from {last} after epoch {epoch}" in done.stdout
+    a, b = final_weights(tmp_path / "whole" / "last.pt"), final_weights(last)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    whole = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    cut = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    drop = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in ("seconds", "samples_per_s")} for r in rows]
+    assert drop(whole) == drop(cut)
+
+
+def test_ctrl_c_stops_cleanly_and_names_the_last_checkpoint(tmp_path):
+    import signal
+    proc = subprocess.Popen([sys.executable, str(HERE / "fer_supcon.py"), *TINY, "--epochs", "50", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "last.pt").exists() and proc.poll() is None:
+        pass
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert f"last complete checkpoint: {tmp_path / 'last.pt'}" in err
+    torch.load(tmp_path / "last.pt", weights_only=True)  # complete, loadable
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_nan_guard_stops_with_epoch_and_step(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        fs.main(TINY + ["--epochs", "2", "--lr", "1e30", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and re.search(r"non-finite loss in epoch 1, step \d+", err)
+    assert "last good checkpoint: none written yet" in err and not (tmp_path / "last.pt").exists()
+
+
+def bad_input_cases(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for c in ("a", "b"):
+        (tmp_path / "noimg" / "train" / c).mkdir(parents=True)
+        (tmp_path / "noimg" / "test" / c).mkdir(parents=True)
+    (tmp_path / "truncated.pt").write_bytes(b"PK\x03\x04garbage")
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "foreign.pt")
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    empty = str(tmp_path / "empty")
+    return {
+        "rafdb root missing": (["--data", "rafdb", "--root", str(tmp_path / "nope")], "is not a folder"),
+        "rafdb root wrong": (["--data", "rafdb", "--root", empty], "list_patition_label.txt"),
+        "affectnet root wrong": (["--data", "affectnet", "--root", empty], "Manually_Annotated_file_lists"),
+        "ferplus root wrong": (["--data", "ferplus", "--root", empty], "fer2013new.csv"),
+        "imagefolder root wrong": (["--data", "imagefolder", "--root", empty], "ROOT/train/<class>"),
+        "no root": (["--data", "rafdb"], "needs --root"),
+        "image size": (["--img-size", "48"], "at least 64"),
+        "label noise": (["--label-noise", "1.0"], "expected a fraction in [0, 1)"),
+        "batch size": (["--batch-size", "0"], "expected at least 1"),
+        "folder without images": (["--data", "imagefolder", "--root", str(tmp_path / "noimg")], "no images"),
+        "missing checkpoint": (["--eval", str(tmp_path / "none.pt")], "does not exist"),
+        "truncated checkpoint": (["--eval", str(tmp_path / "truncated.pt")], "not a readable torch file"),
+        "foreign checkpoint": (["--resume", str(tmp_path / "foreign.pt")], "not a fer_supcon checkpoint"),
+        "unknown dataset": (["--data", "ckplus"], "invalid choice: 'ckplus'"),
+        "unreadable image": (["--predict", str(tmp_path / "bad.jpg"), "--checkpoint", "X"], None),
+    }
+
+
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys):
+    cases = bad_input_cases(tmp_path)
+    fs.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "run")])
+    ckpt = str(tmp_path / "run" / "best.pt")
+    cases["unreadable image"] = (["--predict", str(tmp_path / "bad.jpg"), "--checkpoint", ckpt], "cannot read image")
+    cases["checkpoint does not fit"] = (["--eval", ckpt, "--img-size", "96"], "--img-size 96 (checkpoint: 64)")
+    cases["other classes"] = (["--eval", ckpt, "--data", "ferplus", "--root", str(tmp_path / "fp")], "has 7 classes")
+    (tmp_path / "fp" / "FER2013Test").mkdir(parents=True)
+    Image.new("L", (48, 48)).save(tmp_path / "fp" / "FER2013Test" / "a.png")
+    (tmp_path / "fp" / "FER2013Test" / "label.csv").write_text('a.png,"(0, 0, 48, 48)",0,9,0,0,0,0,0,0,0,0\n')
+    capsys.readouterr()
+    for name, (args, message) in cases.items():
+        with pytest.raises(SystemExit) as e:
+            fs.main(args)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2, name
+        assert len(err.splitlines()) == 1 and err.startswith("fer_supcon: error: ") and message in err, (name, err)
+
+
+def test_corrupt_image_in_a_dataset_is_reported_with_its_path(tmp_path):
+    write_rafdb(tmp_path / "raf")
+    bad = tmp_path / "raf" / "Image" / "aligned" / "train_00004_aligned.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated jpeg")
+    r = run_cli(["--data", "rafdb", "--root", str(tmp_path / "raf"), "--img-size", "64", "--pretrained", "none",
+                 "--batch-size", "2", "--epochs", "1", "--workers", "2", "--out", str(tmp_path / "o")])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [f"fer_supcon: error: cannot read image {bad}: " + r.stderr.split(f"{bad}: ")[1].strip()]
