@@ -76,11 +76,13 @@ class Config:
                         choices=["running", "batch"])
     # supervised contrastive learning (Sec. II-A, Eq. 2)
     queue_size: int = opt(8192, "K, queue slots (Sec. II-A)")
+    # NOTE: not in the paper - m = 0.99: MoCo's 0.999 assumes thousands of steps per epoch (RAF-DB: 47)
     momentum: float = opt(0.99, "m, key-encoder momentum; not in the paper (MoCo: 0.999)")
     tau: float = opt(0.1, "tau, temperature of Eq. (2)")
     no_scl: bool = opt(False, "lambda = 0: no supervised contrastive loss (Table II)")
     # CUEM (Sec. II-B)
     theta: float = opt(0.1, "theta, uncertainty threshold (Sec. II-B)")
+    # NOTE: not in the paper - CUEM starts at epoch 10, the relabel start of the SCN recipe
     cuem_start: int = opt(10, "first epoch of CUEM; not in the paper (SCN's relabel start)")
     no_cuem: bool = opt(False, "no relabelling (Table II)")
     # objective and optimiser (Eq. 3, 4; Sec. III-B)
@@ -300,7 +302,8 @@ def ferplus_label(votes, rule="majority") -> int:
     contempt, unknown, NF) -> class 0..7, or -1 to drop the image.
     majority (Microsoft's rule): drop single votes; keep if the top emotion has
     more than half of the remaining votes and is not unknown / NF.
-    argmax: the most voted column (first on ties), dropped if unknown / NF or no votes."""
+    argmax (NOTE: not in the paper, nor Microsoft's): the most voted column (first on ties),
+    dropped if unknown / NF or no votes."""
     v = np.asarray(votes, dtype=np.float64)
     if rule == "majority":
         v = np.where(v <= 1, 0.0, v)  # outlier removal: single votes
@@ -484,7 +487,7 @@ def load_dataset(name, root, split, size, **options) -> FaceDataset:
 
 
 def inject_label_noise(labels: torch.Tensor, p: float, num_classes: int, seed: int) -> torch.Tensor:
-    """SCN protocol: round(p * N) labels, chosen at random, each replaced by a
+    """NOTE: not in the paper - the SCN / RUL / EAC protocol: round(p * N) labels, chosen at random, each replaced by a
     uniformly drawn *different* class. Returns the noisy copy."""
     g = torch.Generator().manual_seed(seed + 7919)
     n = len(labels)
@@ -790,7 +793,7 @@ def train_step(model, opt, x_q, x_k, y, lam, m, tau, theta, use_keys, use_cuem, 
     """One step of Sec. II: L_total = L_FER + lambda * L_sup (Eq. 3). Returns
     device tensors (loss, ce, sup, labels used); nothing here syncs with the host."""
     num_classes = model.classifier.fc.out_features
-    with amp:
+    with amp:  # NOTE: not in the paper - the classifier sees the query view (one trunk pass feeds both)
         f_q, z_q = model.encoder_q(x_q)  # (B, 512, s, s), (B, 128): query view, with gradients
         logits = model.classifier(f_q)  # (B, C): top branch
     labels, sup = y, torch.zeros((), device=y.device)
@@ -799,8 +802,9 @@ def train_step(model, opt, x_q, x_k, y, lam, m, tau, theta, use_keys, use_cuem, 
             momentum_update(model.encoder_q, model.encoder_k, m)  # before the keys
             with amp:
                 _, z_k = model.encoder_k(x_k)  # (B, 128): key view
-        queue = model.queue  # as it stood before this step
-        if use_cuem:  # NOTE: not in the paper - only once the queue is full
+        queue = model.queue  # NOTE: not in the paper - the contrast set is the queue as it stood, nothing else
+        if use_cuem:  # NOTE: not in the paper - only once the queue is full; the relabel is per step and
+            # stateless (u against the dataset's own label), used for CE, the SupCon anchor and the enqueued keys
             new, _ = cuem(z_q.detach(), y, queue.feats, queue.labels, num_classes, theta)
             labels = torch.where(queue.is_full(), new, y)
         if lam > 0:
@@ -1047,7 +1051,8 @@ def train(cfg: Config, ckpt=None) -> dict:
     """Sec. III-B: Adam, lr x0.9 per epoch, lambda per Eq. (4), test after every epoch."""
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    load_size = min(cfg.img_size, NATIVE_SIZE.get(cfg.data, cfg.img_size))  # augment() resizes on the device
+    # NOTE: not in the paper - decode no larger than the files are (RAF-DB 100 px); augment() resizes on the device
+    load_size = min(cfg.img_size, NATIVE_SIZE.get(cfg.data, cfg.img_size))
     train_ds = load_dataset(cfg.data, cfg.root, "train", load_size, **dataset_options(cfg))
     test_ds = load_dataset(cfg.data, cfg.root, "test", load_size, **dataset_options(cfg))
     C, N, notes = len(train_ds.classes), len(train_ds), []

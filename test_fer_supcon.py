@@ -666,3 +666,25 @@ def test_corrupt_image_in_a_dataset_is_reported_with_its_path(tmp_path):
                  "--batch-size", "2", "--epochs", "1", "--workers", "2", "--out", str(tmp_path / "o")])
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines() == [f"fer_supcon: error: cannot read image {bad}: " + r.stderr.split(f"{bad}: ")[1].strip()]
+
+
+def test_compile_gives_the_same_losses_as_eager_on_the_cpu():
+    import dataclasses
+
+    def losses(compile_):
+        torch.manual_seed(0)
+        cfg = dataclasses.replace(fs.Config(), img_size=64, queue_size=16, compile=compile_)
+        net = fs.build_model(cfg, 7, "none", torch.device("cpu")).train()
+        opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+        x, y, out = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8), torch.arange(8) % 7, []
+        for step in range(3):
+            g = fs.step_generator(0, 1, step, "cpu")
+            views = [fs.augment(x, 64, g).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+            # CUEM off: its threshold would turn rounding differences into label flips
+            loss, *_ = fs.train_step(net, opt, *views, y, 0.5, 0.9, 0.1, 0.1, True, False, fs.autocast(torch.device("cpu")))
+            out.append(loss.item())
+        return out
+
+    eager, compiled = losses(False), losses(True)
+    assert compiled == pytest.approx(eager, rel=2e-3)
+    assert eager[0] != eager[1]  # the steps really trained
