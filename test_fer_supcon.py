@@ -522,6 +522,8 @@ def test_end_to_end_run_writes_every_output_and_learns(tmp_path, capsys):
     assert rows[1]["lr"] == pytest.approx(rows[0]["lr"] * 0.9)
     assert "queue size 8192 capped to 96" in text and "samples/s" in text and "ETA" in text
     assert "final epoch 3" in text and "best epoch" in text
+    assert f"torch {torch.__version__}" in text and "seed 0" in text and "config: data=synthetic" in text  # banner
+    assert re.search(r"train: 96 images, surprise \d+, fear \d+", text) and "test: 32 images" in text
     assert res["epochs"] == 3 and 0 <= res["best_acc"] <= 1
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["model"]["queue.labels"].min() >= 0  # the queue filled
