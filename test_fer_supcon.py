@@ -348,6 +348,7 @@ def test_rafdb_train_labels_file_replaces_training_labels(tmp_path):
     noisy.write_text("\n".join(f"train_{i:05d}.jpg {7 if i == 2 else i % 7 + 1}" for i in range(1, 7)) + "\n")
     train = fs.load_dataset("rafdb", tmp_path, "train", 24, train_labels=str(noisy))
     assert train.labels.tolist() == [1, 6, 3, 4, 5, 6]
+    assert train.true_labels.tolist() == [1, 2, 3, 4, 5, 6]  # the official labels: CUEM's precision / recall
     noisy.write_text("train_00001.jpg 1")
     with pytest.raises(fs.UserError, match="5 missing"):
         fs.load_dataset("rafdb", tmp_path, "train", 24, train_labels=str(noisy))
@@ -529,6 +530,14 @@ def test_end_to_end_run_writes_every_output_and_learns(tmp_path, capsys):
     assert ckpt["model"]["queue.labels"].min() >= 0  # the queue filled
     img = Image.open(out / "confusion.png")
     assert img.size[0] > 300 and img.mode == "RGB"
+
+
+def test_worker_decoding_path_trains_exactly_like_the_cache(tmp_path):
+    args = TINY + ["--epochs", "2", "--cuem-start", "1"]
+    fs.main(args + ["--cache", "on", "--out", str(tmp_path / "on")])
+    fs.main(args + ["--cache", "off", "--workers", "2", "--out", str(tmp_path / "off")])  # the last --workers wins
+    a, b = final_weights(tmp_path / "on" / "last.pt"), final_weights(tmp_path / "off" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_label_noise_run_logs_relabel_precision_and_recall(tmp_path):
