@@ -1191,6 +1191,13 @@ def model_from_checkpoint(ckpt, path, cfg: Config, device) -> FERSupCon:
     return model.eval()
 
 
+def checkpoint_config(ckpt, given: dict, flags) -> Config:
+    """The run's config from a checkpoint, overridden by the given `flags`; the
+    device is this machine's ('auto') unless given."""
+    saved = {k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__}
+    return Config(**{**saved, "device": "auto", **{k: v for k, v in given.items() if k in flags}})
+
+
 def check_fits(ckpt_cfg: dict, given: dict, keys, what):
     diff = [f"--{k.replace('_', '-')} {given[k]} (checkpoint: {ckpt_cfg.get(k)})" for k in keys
             if k in given and given[k] != ckpt_cfg.get(k)]
@@ -1207,7 +1214,7 @@ def run_eval(path, given) -> dict:
     with ARM's running g and (--arm-eval batch) also the official batch mean."""
     ckpt = load_checkpoint(path)
     check_fits(ckpt["config"], given, ["img_size", "no_arm"], "--eval")
-    cfg = Config(**{**ckpt["config"], **{k: v for k, v in given.items() if k in EVAL_FLAGS}})
+    cfg = checkpoint_config(ckpt, given, EVAL_FLAGS)
     device = pick_device(cfg.device)
     load_size = min(cfg.img_size, NATIVE_SIZE.get(cfg.data, cfg.img_size))
     test_ds = load_dataset(cfg.data, cfg.root, "test", load_size, **dataset_options(cfg))
@@ -1236,7 +1243,7 @@ def run_eval(path, given) -> dict:
 def run_predict(files, path, given) -> dict:
     """Top-3 expressions for each face image (aligned crops, any size, colour or grayscale)."""
     ckpt = load_checkpoint(path)
-    cfg = Config(**{**ckpt["config"], **{k: v for k, v in given.items() if k == "device"}})
+    cfg = checkpoint_config(ckpt, given, {"device"})
     device = pick_device(cfg.device)
     model = model_from_checkpoint(ckpt, path, cfg, device)
     x = []
@@ -1401,8 +1408,7 @@ def run(argv=None) -> dict:
     if "resume" in given:
         ckpt = load_checkpoint(given["resume"])
         check_fits(ckpt["config"], given, sorted(given.keys() - RESUME_FLAGS), "--resume")
-        cfg = Config(**{**ckpt["config"], "out": str(Path(given["resume"]).parent),
-                        **{k: v for k, v in given.items() if k in RESUME_FLAGS}})
+        cfg = checkpoint_config(ckpt, {"out": str(Path(given["resume"]).parent), **given}, RESUME_FLAGS)
         validate(cfg)
         return train(cfg, ckpt)
     cfg = Config(**{**DATA_DEFAULTS.get(given.get("data", Config.data), {}), **given})

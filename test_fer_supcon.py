@@ -555,6 +555,9 @@ def test_predict_and_eval_use_only_the_checkpoint(tmp_path, capsys):
     Image.new("L", (100, 80), 120).save(faces / "gray.png")  # any size, grayscale
     Image.fromarray(fs.SyntheticFaces(1, "test", 130)[0][0].permute(1, 2, 0).numpy()).save(faces / "face.jpg")
     capsys.readouterr()
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    ckpt["config"]["device"] = "cuda"  # trained elsewhere: applying it here must not need that device
+    torch.save(ckpt, out / "best.pt")
     res = fs.main(["--predict", str(faces / "gray.png"), str(faces / "face.jpg"), "--checkpoint", str(out / "best.pt")])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith(str(faces / "gray.png") + ": ")
