@@ -918,7 +918,7 @@ def load_torch_file(path, what):
         raise UserError(f"{what} {path} is not a readable torch file (truncated or foreign?): {first[:200]}") from None
 
 
-CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "best_acc", "best_epoch", "config", "classes", "history"}
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "best_acc", "best_epoch", "config", "classes", "history", "rng"}
 
 
 def load_checkpoint(path):
