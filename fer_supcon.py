@@ -487,6 +487,11 @@ def load_dataset(name, root, split, size, **options) -> FaceDataset:
     return LOADERS[name](root, split, size, **options)
 
 
+def dataset_options(cfg: Config) -> dict:
+    return dict(train_labels=cfg.train_labels, classes=cfg.classes, label_rule=cfg.ferplus_label, seed=cfg.seed,
+                synthetic_train=cfg.synthetic_train, synthetic_test=cfg.synthetic_test)
+
+
 def inject_label_noise(labels: torch.Tensor, p: float, num_classes: int, seed: int) -> torch.Tensor:
     """NOTE: not in the paper - the SCN / RUL / EAC protocol: round(p * N) labels, chosen at random, each replaced by a
     uniformly drawn *different* class. Returns the noisy copy."""
@@ -1179,11 +1184,6 @@ def train(cfg: Config, ckpt=None) -> dict:
 # ---------------------------------------------------------------------------
 # ---- Using a trained model: --eval and --predict ---------------------------
 # ---------------------------------------------------------------------------
-
-def dataset_options(cfg: Config) -> dict:
-    return dict(train_labels=cfg.train_labels, classes=cfg.classes, label_rule=cfg.ferplus_label, seed=cfg.seed,
-                synthetic_train=cfg.synthetic_train, synthetic_test=cfg.synthetic_test)
-
 
 def model_from_checkpoint(ckpt, path, cfg: Config, device) -> FERSupCon:
     model = build_model(cfg, len(ckpt["classes"]), "none", device)
