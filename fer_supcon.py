@@ -76,11 +76,9 @@ class Config:
     cache_gb: float = param(8.0, "memory budget of the decoded-image cache")
     workers: int = param(min(8, os.cpu_count() or 1), "decoding processes")
     # network (Sec. II, Fig. 2)
-    pretrained: str = param("imagenet", "trunk weights: imagenet | none | PATH of a ResNet-18 state dict",
-                            synthetic="none")
+    pretrained: str = param("imagenet", "trunk: imagenet | none | PATH of a ResNet-18 state dict", synthetic="none")
     no_arm: bool = param(False, "GAP + linear instead of ARM (ablation)", synthetic=True)
-    arm_eval: str = param("running", "ARM's g at test time: running mean, or the test batch's (official code)",
-                          choices=("running", "batch"))
+    arm_eval: str = param("running", "ARM's test-time g: running mean | batch (official)", choices=("running", "batch"))
     # II-A supervised contrastive learning
     queue_size: int = param(8192, "K, queue slots (Sec. II-A)")
     momentum: float | None = param(None, "m, key-encoder momentum; none given: 1 - batch size / queue size")
@@ -136,23 +134,15 @@ def build_trunk(pretrained: str = "none") -> nn.Sequential:
     return trunk
 
 def load_trunk_weights(trunk: nn.Module, path: str) -> None:
-    """A ResNet-18 state dict (e.g. resnet18_msceleb.pth), bare or under 'state_dict', with or without
-    'module.'; fc.* is ignored. Loud on any missing, unused or misshapen trunk weight."""
+    """A ResNet-18 state dict (e.g. resnet18_msceleb.pth), bare or in 'state_dict', 'module.' or not; no fc.*"""
     sd = load_torch_file(path, "--pretrained file")
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise UserError(f"--pretrained {path}: expected a ResNet-18 state dict (name -> tensor)")
     sd = {k.removeprefix("module."): v for k, v in sd.items() if not k.removeprefix("module.").startswith("fc.")}
-    own = trunk.state_dict()
-    for k in own.keys() - sd.keys():  # files saved before PyTorch 0.4.1 have no BatchNorm update counts
-        if k.endswith("num_batches_tracked"):
-            sd[k] = own[k]
-    missing, unused = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
-    wrong = [k for k in own.keys() & sd.keys() if own[k].shape != sd[k].shape]
-    if missing or unused or wrong:
-        raise UserError(f"--pretrained {path} does not fit ResNet-18: {len(missing)} missing {missing[:3]}, "
-                        f"{len(unused)} unused {unused[:3]}, {len(wrong)} of another shape {wrong[:3]}")
-    trunk.load_state_dict(sd)
+    own = trunk.state_dict()  # files saved before PyTorch 0.4.1 have no BatchNorm update counts
+    sd.update({k: own[k] for k in own.keys() - sd.keys() if k.endswith("num_batches_tracked")})
+    load_weights(trunk, sd, f"--pretrained {path} (ResNet-18)")
 
 def arm_sizes(img_size: int) -> tuple[int, int]:
     """(trunk map side s, ARM output side o) for an input side S: s = ceil(S / 32), o = (16 s - 32) // 8 + 1."""
@@ -235,7 +225,7 @@ class FERSupCon(nn.Module):
 
 @torch.no_grad()
 def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
-    """MoCo's key encoder: theta_k <- m * theta_k + (1 - m) * theta_q over the parameters; buffers
+    """MoCo's key encoder: w_k <- m w_k + (1 - m) w_q over the parameters w; buffers
     (BatchNorm statistics) are copied. m = 0 copies, m = 1 freezes."""
     p_k, p_q = list(target.parameters()), list(online.parameters())
     if not 0 <= m <= 1 or [p.shape for p in p_k] != [p.shape for p in p_q]:
@@ -445,10 +435,8 @@ def epoch_order(labels: torch.Tensor, sampler: str, seed: int, epoch: int) -> to
 def decode_all(ds, workers: int) -> torch.Tensor:
     """Decode a whole split once, in `workers` processes: uint8 (N, 3, s, s)."""
     out = torch.empty(len(ds), 3, ds.size, ds.size, dtype=torch.uint8)
-    i = 0
-    for x, _, _ in torch.utils.data.DataLoader(ds, batch_size=128, num_workers=workers):
-        out[i:i + len(x)] = x
-        i += len(x)
+    for x, _, idx in torch.utils.data.DataLoader(ds, batch_size=128, num_workers=workers):
+        out[idx] = x
     return out
 
 class Images:
@@ -521,8 +509,7 @@ class RelabelLog:
         self.votes.index_put_((idx, out.y_fer), moved, accumulate=True)
         self.last_u[idx] = torch.where(out.cuem_ran, out.u, self.last_u[idx])
 
-def decode_size(cfg: Config) -> int:
-    # NOTE: not in the paper - decode no larger than the files are (RAF-DB 100 px); augment() resizes on the device
+def decode_size(cfg: Config) -> int:  # NOTE: not in the paper - no larger than the files; augment() resizes
     return min(cfg.img_size, NATIVE_SIZE.get(cfg.data, cfg.img_size))
 
 def start_run(cfg: Config, ckpt=None) -> Run:
@@ -567,8 +554,8 @@ def start_run(cfg: Config, ckpt=None) -> Run:
     total_bytes = (N + len(test_ds)) * 3 * size ** 2
     cache = cfg.cache == "on" or (cfg.cache == "auto" and total_bytes <= cfg.cache_gb * 2 ** 30)
     steps = N // cfg.batch_size
-    notes += [f"an epoch is {steps} batches of {cfg.batch_size}" + (f"; the {N % cfg.batch_size} images the shuffle "
-              "leaves over wait for the next epoch" if N % cfg.batch_size else ""),
+    notes += [f"an epoch is {steps} batches of {cfg.batch_size}" + (f"; each leaves out {N % cfg.batch_size} images, "
+              "another random set every epoch (drop_last)" if N % cfg.batch_size else ""),
               f"decoded-image cache {'on' if cache else 'off'} ({total_bytes / 2 ** 30:.2f} GiB at {size} px); "
               f"sampler {cfg.sampler}; output {out}"]
     banner(cfg, device, train_ds, test_ds, notes)
@@ -579,8 +566,7 @@ def start_run(cfg: Config, ckpt=None) -> Run:
     return run
 
 def train_epoch(run: Run, epoch: int, clock: tuple[float, int]) -> dict:
-    """The steps of one epoch. Their figures are summed in named device tensors and read once per progress
-    line, the only host sync. Returns the epoch's sums."""
+    """The steps of one epoch; their figures are summed on the device and read once per progress line."""
     cfg, dev = run.cfg, run.device
     lam = 0.0 if cfg.no_scl else loss_weight(epoch, cfg.alpha, cfg.beta)  # Eq. (4)
     use_keys = not (cfg.no_scl and cfg.no_cuem)  # the baseline skips the key branch
@@ -620,8 +606,7 @@ def progress(run: Run, epoch: int, step: int, steps: int, sums: dict, lam: float
           f" | {rate:.0f} samples/s | ETA {fmt_time(eta)}", flush=True)
 
 def relabel_text(run: Run, sums: dict, seen: int) -> str:
-    """CUEM's relabels so far; their precision and recall when the true labels are known; a flag when their share
-    is more than RELABEL_ALERT above the known label noise."""
+    """CUEM's relabels, their precision / recall when the truth is known, a flag past the known noise + alert."""
     n, noisy, limit = sums["relabelled"], max(sums["noisy"], 1), run.noise + RELABEL_ALERT
     text = f"relabelled {int(n)} ({100 * n / seen:.1f}%)"
     if run.noise > 0 and n > 0:
@@ -631,8 +616,7 @@ def relabel_text(run: Run, sums: dict, seen: int) -> str:
     return text
 
 def end_epoch(run: Run, epoch: int, sums: dict, seconds: float) -> dict:
-    """After the steps of an epoch: the lr decay, the test evaluation, the metrics row, every output file and
-    the end-of-epoch line."""
+    """After the steps: the lr decay, the test evaluation, the metrics row, the output files, the epoch's line."""
     cfg, n, seen = run.cfg, sums["relabelled"], sums["steps"] * run.cfg.batch_size
     lr, t = run.opt.param_groups[0]["lr"], time.time()
     run.sched.step()  # lr x 0.9 after every epoch (Sec. III-B)
@@ -695,14 +679,14 @@ def build_model(cfg: Config, num_classes: int, pretrained: str, device) -> FERSu
             part.compile()  # in place: the state-dict keys stay the same
     return model
 
-def load_weights(model: nn.Module, state: dict, path) -> None:
+def load_weights(model: nn.Module, state: dict, what) -> None:
+    """load_state_dict, loud on any missing, unused or misshapen tensor (never strict=False)."""
     own = model.state_dict()
     missing, unused = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own.keys() & state.keys()
-             if own[k].shape != state[k].shape]
+    wrong = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
     if missing or unused or wrong:
-        raise UserError(f"{path} does not fit this network: missing {missing[:3]}, unused {unused[:3]}, "
-                        f"other shapes {wrong[:3]}")
+        raise UserError(f"{what} does not fit this network: {len(missing)} missing {missing[:3]}, {len(unused)} "
+                        f"unused {unused[:3]}, {len(wrong)} of another shape {wrong[:3]}")
     model.load_state_dict(state)
 
 @torch.no_grad()
@@ -736,9 +720,8 @@ def scores(conf: torch.Tensor) -> dict:
     return dict(test_acc=(tp.sum() / conf.sum().clamp(min=1)).item(), mean_class_acc=recall[has].mean().item(),
                 macro_f1=f1[has].mean().item(), per_class_acc=recall.tolist())
 
-def fmt_time(s):
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+def fmt_time(seconds):
+    return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 def banner(cfg, device, train_ds, test_ds, notes):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
@@ -748,8 +731,7 @@ def banner(cfg, device, train_ds, test_ds, notes):
     for split, ds in (("train", train_ds), ("test", test_ds)):
         counts = torch.bincount(ds.labels, minlength=len(ds.classes)).tolist()
         print(f"{split}: {len(ds)} images, " + ", ".join(f"{c} {n}" for c, n in zip(ds.classes, counts)))
-    for n in notes:
-        print("note: " + n)
+    print("".join(f"note: {n}\n" for n in notes), end="")
 
 
 # ==== Outputs: checkpoints, metrics.jsonl, summary.json, curves.png, relabels.csv, confusion (Fig. 4) ===
@@ -768,6 +750,12 @@ def atomic_write(path: Path, write) -> None:
 
 def write_text(path, text):
     atomic_write(path, lambda p: Path(p).write_text(text))
+
+def write_csv(path, rows):
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+    atomic_write(path, write)
 
 def load_torch_file(path, what):
     if not os.path.isfile(path):
@@ -801,8 +789,7 @@ def model_card(cfg: Config, classes) -> dict:
                 torch=str(torch.__version__))
 
 def save_outputs(run: Run, epoch: int, is_best: bool) -> None:
-    """last.pt (and best.pt), metrics.jsonl, summary.json, curves.png, relabels.csv and the confusion matrix,
-    each written atomically."""
+    """last.pt, best.pt, metrics.jsonl, summary.json, curves.png, relabels.csv, confusion.*; all atomic."""
     state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(),
                  epoch=epoch, best_acc=run.best_acc, best_epoch=run.best_epoch, config=dataclasses.asdict(run.cfg),
                  classes=run.train_ds.classes, history=run.history, rng=torch.get_rng_state(),
@@ -830,22 +817,18 @@ def summarize(run: Run) -> dict:
 def write_relabels(run: Run, path: Path) -> None:
     """relabels.csv: one row per training sample CUEM relabelled at least once, the most often first."""
     log, ds = run.relabels, run.train_ds
-    idx = log.moved.nonzero().flatten().cpu()
-    seen, moved, votes, u = (t.cpu()[idx] for t in (log.seen, log.moved, log.votes, log.last_u))
-    order = sorted(range(len(idx)), key=lambda i: (-moved[i] / seen[i].clamp(min=1), int(idx[i])))
-    paths = getattr(ds, "paths", None)
-    lines = ["index,path,label,cuem_label,relabelled,seen,last_u"]
-    for i in order:
-        j = int(idx[i])
-        lines.append(f"{j},{paths[j] if paths else ''},{ds.classes[ds.labels[j]]},"
-                     f"{ds.classes[int(votes[i].argmax())]},{int(moved[i])},{int(seen[i])},{float(u[i]):.4f}")
-    write_text(path, "\n".join(lines) + "\n")
+    (seen, moved, u), cuem_label, labels = (t.tolist() for t in (log.seen, log.moved, log.last_u)), \
+        log.votes.argmax(1).tolist(), ds.labels.tolist()
+    paths = getattr(ds, "paths", [""] * len(ds))
+    write_csv(path, [["index", "path", "label", "cuem_label", "relabelled", "seen", "last_u"]] + [
+        [j, paths[j], ds.classes[labels[j]], ds.classes[cuem_label[j]], moved[j], seen[j], f"{u[j]:.4f}"]
+        for _, j in sorted((-moved[j] / seen[j], j) for j in range(len(ds)) if moved[j])])
 
 def write_noisy_labels(ds, path: Path) -> None:
-    """The training labels --label-noise drew: RAF-DB's label-file format for rafdb (then --train-labels reads
-    it back), 'index label' (0-based class index) otherwise."""
+    """The labels --label-noise drew: the RAF-DB label-file format for rafdb, else 'index class' (0-based)."""
     names = getattr(ds, "names", None)
-    lines = [f"{names[i]} {y + 1}" if names else f"{i} {y}" for i, y in enumerate(ds.labels.tolist())]
+    lines = [f"{name} {y + 1}" for name, y in zip(names, ds.labels.tolist())] if names else [
+        f"{i} {y}" for i, y in enumerate(ds.labels.tolist())]
     write_text(path, "\n".join(lines) + "\n")
 
 def confusion_text(conf: torch.Tensor, classes) -> str:
@@ -875,16 +858,19 @@ def check_fits(ckpt_cfg: dict, given: dict, keys, what):
     if diff:
         raise UserError(f"{what} does not fit the checkpoint: " + ", ".join(diff))
 
-def open_checkpoint(path, given: dict, flags) -> tuple[dict, Config, torch.device, FERSupCon]:
+def open_checkpoint(path, given: dict, command: str, flags=(), fits=()) -> tuple[dict, Config, torch.device, FERSupCon]:
     """Load a checkpoint, rebuild its network in eval mode (ARM's running g), print what it expects as input."""
-    if given.keys() - flags:
-        raise UserError(f"--{sorted(given.keys() - flags)[0].replace('_', '-')} does not apply here (with a checkpoint"
-                        f", only {' '.join('--' + f.replace('_', '-') for f in sorted(flags)) or 'no other flag'})")
+    extra = sorted(given.keys() - set(flags) - set(fits))
+    if extra:
+        raise UserError(f"--{extra[0].replace('_', '-')} does not apply to --{command}")
     ckpt = load_checkpoint(path)
+    check_fits(ckpt["config"], given, fits, f"--{command}")
     cfg = checkpoint_config(ckpt, given, flags)
     device = pick_device(cfg.device)
     model = build_model(dataclasses.replace(cfg, compile=False), len(ckpt["classes"]), "none", device)
     load_weights(model, ckpt["model"], path)
+    if cfg.no_arm and "arm_eval" in given:
+        raise UserError(f"--arm-eval needs ARM: {path} was trained with --no-arm")
     if not cfg.no_arm:
         model.classifier.eval_batch_mean = False  # ARM's running g: an answer never depends on the batch
     card = ckpt["card"] = ckpt.get("card") or model_card(cfg, ckpt["classes"])
@@ -893,15 +879,13 @@ def open_checkpoint(path, given: dict, flags) -> tuple[dict, Config, torch.devic
           f"normalisation; trained with torch {card['torch']}")
     return ckpt, cfg, device, model.eval()
 
-EVAL_FLAGS = {"data", "root", "train_labels", "classes", "ferplus_label", "device", "workers", "cache", "cache_gb",
-              "arm_eval", "synthetic_test", "seed"}
+EVAL_FLAGS = ("data", "root", "train_labels", "classes", "ferplus_label", "device", "workers", "arm_eval",
+              "synthetic_test", "seed")
 
 def run_eval(path, given) -> dict:
-    """Test accuracy, mean class accuracy, macro-F1 and confusion matrix of a checkpoint (ARM's running g),
-    the proof that a prediction does not depend on its batch, and with --arm-eval batch the official protocol
-    at several test batch sizes. Writes <stem>_eval.json and <stem>_confusion.png / .txt."""
-    check_fits(load_checkpoint(path)["config"], given, ["img_size", "no_arm"], "--eval")
-    ckpt, cfg, device, model = open_checkpoint(path, given, EVAL_FLAGS | {"img_size", "no_arm"})
+    """A checkpoint's test scores and confusion matrix, the proof that an answer does not depend on its batch,
+    and (--arm-eval batch) the official protocol by test batch size; into <stem>_eval.json, <stem>_confusion.*"""
+    ckpt, cfg, device, model = open_checkpoint(path, given, "eval", EVAL_FLAGS, fits=("img_size", "no_arm"))
     test_ds = load_dataset(cfg.data, cfg.root, "test", decode_size(cfg), **dataset_options(cfg))
     if len(test_ds.classes) != len(ckpt["classes"]):
         raise UserError(f"{path} has {len(ckpt['classes'])} classes ({', '.join(ckpt['classes'])}); "
@@ -931,8 +915,7 @@ def run_eval(path, given) -> dict:
     return res
 
 def batch_independence(model, x, y, img_size, n=256) -> dict:
-    """The first n test images in float32: logits one image at a time and in a shuffled batch, against the
-    same images in one batch."""
+    """The first n test images, float32: logits one at a time and shuffled, against all n in one batch."""
     x, y = x[:n], y[:n]
     whole = logits_of(model, x, img_size, len(x))  # (n, C)
     alone = logits_of(model, x, img_size, 1)
@@ -954,45 +937,26 @@ def official_protocol(model, x, y, img_size, seed) -> dict:
     return dict(batch_1=acc(plain, 1), batch_64=acc(plain, 64), batch_256=acc(plain, 256),
                 batch_64_shuffled=acc(perm, 64))
 
-class ImageList(torch.utils.data.Dataset):
-    """--predict's images: (uint8 (3, S, S), original width, height, error message or '')."""
-
-    def __init__(self, paths, size):
-        self.paths, self.size = paths, size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            with Image.open(self.paths[i]) as img:
-                return pil_to_uint8(img, self.size), img.width, img.height, ""
-        except (OSError, ValueError, SyntaxError) as e:
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), 0, 0, str(e) or type(e).__name__
-
 def find_images(patterns) -> list[str]:
     """Files as given, folders searched recursively for images, and globs; in order, without repeats."""
     found = []
     for p in patterns:
-        if os.path.isdir(p):
-            found += sorted(str(f) for f in Path(p).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
-        elif os.path.isfile(p):
+        if os.path.isfile(p):
             found.append(p)
-        else:
-            found += sorted(f for f in glob.glob(p, recursive=True) if Path(f).suffix.lower() in IMAGE_EXTENSIONS)
+        files = Path(p).rglob("*") if os.path.isdir(p) else glob.glob(p, recursive=True)
+        found += sorted(str(f) for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS and os.path.isfile(f))
     if not found:
         raise UserError(f"no images found in {' '.join(patterns)} (expected image files, folders or globs of "
                         f"{', '.join(IMAGE_EXTENSIONS)})")
     return list(dict.fromkeys(found))
 
 def run_predict(patterns, path, given, top=3, csv_path=None) -> dict:
-    """Class probabilities of every image in `patterns`, decoded by workers and classified in batches. An
-    image's answer never depends on the others (eval mode, ARM's running g, float32)."""
-    ckpt, cfg, device, model = open_checkpoint(path, given, {"device", "workers", "batch_size", "log_every"})
+    """Class probabilities of the images in `patterns`, decoded by workers, in batches; float32, eval mode."""
+    ckpt, cfg, device, model = open_checkpoint(path, given, "predict", ("device", "workers", "batch_size", "log_every"))
     classes, files, card = ckpt["classes"], find_images(patterns), ckpt["card"]
-    loader = torch.utils.data.DataLoader(ImageList(files, cfg.img_size), batch_size=min(cfg.batch_size, 256),
-                                         num_workers=cfg.workers)
-    results, skipped, warned, tick, rows = {}, [], False, time.time(), ["path,predicted," + ",".join(classes)]
+    loader = torch.utils.data.DataLoader(ImageList(files, [0] * len(files), classes, cfg.img_size),
+                                         batch_size=min(cfg.batch_size, 256), num_workers=cfg.workers)
+    results, skipped, warned, tick, rows = {}, [], False, time.time(), [["path", "predicted", *classes]]
     for x, w, h, err in loader:
         probs = logits_of(model, x.to(device), cfg.img_size, len(x)).softmax(1).cpu()  # (b, C)
         for f, p, wi, hi, e in zip(files[len(results) + len(skipped):], probs, w.tolist(), h.tolist(), err):
@@ -1007,32 +971,29 @@ def run_predict(patterns, path, given, top=3, csv_path=None) -> dict:
             k = p.topk(min(top, len(p)))
             results[f] = [(classes[i], v) for v, i in zip(k.values.tolist(), k.indices.tolist())]
             print(f"{f}: " + ", ".join(f"{c} {v:.3f}" for c, v in results[f]))
-            rows.append(f"{f},{classes[int(p.argmax())]}," + ",".join(f"{v:.6f}" for v in p.tolist()))
+            rows.append([f, classes[int(p.argmax())], *(f"{v:.6f}" for v in p.tolist())])
         if time.time() - tick > cfg.log_every:
             tick = time.time()
             print(f"... {len(results) + len(skipped)} of {len(files)} images", file=sys.stderr, flush=True)
     if csv_path:
-        write_text(csv_path, "\n".join(rows) + "\n")
+        write_csv(csv_path, rows)
     print(f"classified {len(results)} images, skipped {len(skipped)}" + (f"; wrote {csv_path}" if csv_path else ""))
     return dict(predictions=results, skipped=skipped)
 
 class ExportedNet(nn.Module):
-    """The inference network as --export saves it: uint8 RGB (B, 3, S, S) -> class probabilities (B, C), the
-    ImageNet normalisation inside."""
+    """What --export saves: uint8 RGB (B, 3, S, S) -> class probabilities (B, C), the normalisation inside."""
 
     def __init__(self, model: FERSupCon):
         super().__init__()
         self.trunk, self.classifier = model.encoder_q.trunk, model.classifier
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
 
     def forward(self, x):
-        return self.classifier(self.trunk((x.float() - self.mean) / self.std)).softmax(1)
+        return self.classifier(self.trunk(normalize(x.float()))).softmax(1)
 
 def run_export(file, path, given) -> dict:
     """torch.export the inference network with the model card inside, load it back and compare it with the
     eager model on test images."""
-    ckpt, cfg, _, model = open_checkpoint(path, given, set())
+    ckpt, cfg, _, model = open_checkpoint(path, given, "export")
     net = ExportedNet(model.float().cpu().to(memory_format=torch.contiguous_format)).eval()
     S, card = cfg.img_size, ckpt["card"]
     example = torch.zeros(2, 3, S, S, dtype=torch.uint8)
@@ -1081,8 +1042,7 @@ def pil_to_uint8(img: Image.Image, size: int, box=None) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, S, S)
 
 class FaceDataset(torch.utils.data.Dataset):
-    """Items (uint8 (3, size, size) image, label, index). `labels`: int64, after the label rules and injected
-    noise; `true_labels`: before the noise. Subclasses define image(i)."""
+    """Items (uint8 (3, size, size), label, index); labels after noise, true_labels before; subclasses: image(i)"""
 
     def __init__(self, classes, labels, size):
         self.classes, self.size = list(classes), size
@@ -1111,6 +1071,16 @@ class ImageFiles(FaceDataset):
                 return pil_to_uint8(img, self.size, None if self.boxes is None else self.boxes[i])
         except (OSError, ValueError, SyntaxError) as e:
             raise UserError(f"cannot read image {self.paths[i]}: {e}") from None
+
+class ImageList(ImageFiles):
+    """--predict's images: (uint8 (3, S, S), original width, height, error message or '')."""
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.paths[i]) as img:
+                return pil_to_uint8(img, self.size), img.width, img.height, ""
+        except (OSError, ValueError, SyntaxError) as e:
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), 0, 0, str(e) or type(e).__name__
 
 def read_label_lines(path: Path, what: str) -> list[tuple[str, int]]:
     """RAF-DB label file: 'name label' per line (1..7 -> 0..6; the official file has no trailing newline)."""
@@ -1152,15 +1122,13 @@ def load_imagefolder(root: Path, split, size, **_):
     here = sorted(d.name for d in folder.iterdir() if d.is_dir())
     if not here or set(here) - set(classes):
         raise layout_error("imagefolder", f"{folder} has class folders {here}, not a subset of train's {classes}")
-    files = [sorted(p for p in (folder / c).glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if c in here else []
-             for c in classes]
+    files = [sorted(p for p in (folder / c).glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) for c in classes]
     if not any(files):
         raise layout_error("imagefolder", f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}/<class>/")
     return ImageFiles(sum(files, []), [c for c, f in enumerate(files) for _ in f], classes, size)
 
 def load_affectnet(root: Path, split, size, classes=8, **_):
-    """AffectNet, codes 0..7 (8..10 = none / uncertain / non-face are dropped); classes=7 also drops contempt.
-    The validation set is the test set."""
+    """AffectNet codes 0..7 (8..10 dropped; classes=7 drops contempt too); the validation set is the test set."""
     lists = root / "Manually_Annotated_file_lists" / ("training.csv" if split == "train" else "validation.csv")
     folder = root / ("train_set" if split == "train" else "val_set")
     paths, labels, boxes = [], [], []
@@ -1199,10 +1167,9 @@ def load_affectnet(root: Path, split, size, classes=8, **_):
     return ImageFiles(paths, labels, AFFECTNET_CLASSES[:classes], size, boxes, layout="affectnet")
 
 def ferplus_label(votes, rule="majority") -> int:
-    """FERPlus votes (neutral, happiness, surprise, sadness, anger, disgust, fear, contempt, unknown, NF) ->
-    class 0..7, or -1 to drop the image. majority (Microsoft's rule): drop single votes; keep if the top emotion
-    has more than half of the remaining votes and is not unknown / NF. argmax (NOTE: not in the paper, nor
-    Microsoft's): the most voted column (first on ties), dropped if unknown / NF or no votes."""
+    """FERPlus votes (neutral, happiness, surprise, sadness, anger, disgust, fear, contempt, unknown, NF) -> class
+    0..7, or -1 to drop the image. majority (Microsoft's): drop single votes; keep if the top emotion has more than
+    half of the rest and is not unknown / NF. argmax (NOTE: not in the paper): the top column, unless unknown / NF."""
     v = np.asarray(votes, dtype=np.float64)
     if rule == "majority":
         v = np.where(v <= 1, 0.0, v)  # outlier removal: single votes
@@ -1238,8 +1205,7 @@ def read_csv_rows(path: Path, what: str) -> list[list[str]]:
         raise UserError(f"cannot read {what} {path}: {e}") from None
 
 def load_ferplus(root: Path, split, size, label_rule="majority", **_):
-    """FERPlus (8 classes) from fer2013.csv + fer2013new.csv (test = PrivateTest), or from the FER2013Train /
-    FER2013Test folders with their label.csv."""
+    """FERPlus: fer2013.csv + fer2013new.csv (test: PrivateTest), or FER2013Train / FER2013Test with label.csv."""
     if (root / "fer2013.csv").is_file() and (root / "fer2013new.csv").is_file():
         old, new = (read_csv_rows(root / n, "FERPlus file")[1:] for n in ("fer2013.csv", "fer2013new.csv"))
         if len(old) != len(new):
@@ -1353,9 +1319,8 @@ class SyntheticFaces(FaceDataset):
         super().__init__(RAFDB_CLASSES, labels, size)
 
     def image(self, i):
-        rng = np.random.default_rng(self.key + [i])
-        label = int(rng.integers(7))  # the same first draw as in __init__
-        return pil_to_uint8(draw_face(rng, label, self.size), self.size)
+        rng = np.random.default_rng(self.key + [i])  # its first draw is the label, as in __init__
+        return pil_to_uint8(draw_face(rng, int(rng.integers(7)), self.size), self.size)
 
 LOADERS = {"rafdb": load_rafdb, "affectnet": load_affectnet, "ferplus": load_ferplus, "imagefolder": load_imagefolder}
 
@@ -1387,8 +1352,7 @@ def fonts(size=15):  # Pillow >= 10.1
     return ImageFont.load_default(size=size), ImageFont.load_default(size=size - 3)
 
 def draw_confusion(conf: torch.Tensor, classes, title="") -> Image.Image:
-    """Fig. 4-style matrix: class names on both axes, count and row percentage per cell, shaded by the row
-    percentage."""
+    """Fig. 4-style matrix: class names on both axes, count and row percentage per cell, shaded by the latter."""
     font, small = fonts()
     C, cell, left, head = len(classes), 74, 120, 50  # head: two title lines
     top = head + 110
@@ -1449,7 +1413,9 @@ def draw_curves(history: list, data: str) -> Image.Image:
     img = Image.new("RGB", (1120, 780), "white")
     d = ImageDraw.Draw(img)
     d.text((20, 12), f"fer_supcon, --data {data}: per epoch (metrics.jsonl)", fill="black", font=fonts(17)[0])
-    col = lambda k, f=1.0: [r[k] * f if r.get(k) is not None and (k != "supcon" or r["lam"]) else None for r in history]
+    def col(key, factor=1.0):  # None where the figure does not exist (L_sup is not computed while lambda = 0)
+        shown = [r.get(key) is not None and (key != "supcon" or r["lam"] > 0) for r in history]
+        return [r[key] * factor if ok else None for r, ok in zip(history, shown)]
     last = history[-1]
     panels = [("test accuracy, %", dict(accuracy=col("test_acc", 100), **{"mean class": col("mean_class_acc", 100)}),
                None, None),
@@ -1468,9 +1434,8 @@ def draw_curves(history: list, data: str) -> Image.Image:
 # ==== Appendix C: --benchmark, side by side in one run =================================================
 
 def benchmark(cfg: Config, given: dict) -> dict:
-    """Samples/s of the baseline step (CE with ARM, one view, no key branch), the full step (two views, momentum
-    update, Eq. 2, CUEM, enqueue), the batched augmentation of two views, the cached loader and the eval-mode
-    network: interleaved repeats after warm-up on random inputs, medians; and peak memory."""
+    """Samples/s of the baseline step (CE with ARM, one view), the full step (two views, momentum update, Eq. 2,
+    CUEM, enqueue), augmentation, cached loader and eval-mode network: interleaved repeats, medians; memory."""
     device = pick_device(cfg.device)
     cuda = device.type == "cuda"
     S = cfg.img_size if "img_size" in given else 224 if cuda else 112
@@ -1508,8 +1473,9 @@ def benchmark(cfg: Config, given: dict) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS
         name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     res = dict(device=name, torch=torch.__version__, img_size=S, batch_size=B, repeats=reps, compile=cfg.compile,
-               **{k: (len(cache) // B * B if k.startswith("loader") else B) / t for k, t in med.items()},
+               **{k: B / t for k, t in med.items()}, 
                overhead_ratio=med["full_samples_per_s"] / med["baseline_samples_per_s"], peak_memory_mb=peak)
+    res["loader_samples_per_s"] *= len(cache) // B  # one job there is a pass over the cache
     print(f"benchmark on {name}, torch {torch.__version__}, {S}px, batch {B}, median of {reps} after {warmup} warm-up")
     for k in jobs:
         print(f"  {k.replace('_', ' '):<36} {res[k]:>12,.0f}")
