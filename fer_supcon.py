@@ -349,9 +349,9 @@ def train_step(model, opt, x_q, x_k, y, *, lam, m, tau, theta, use_cuem, amp) ->
             ran = Q.is_full()
             y_fer, u = torch.where(ran, new, y), torch.where(ran, u_all, 0.0)
         if lam > 0:
-            # NOTE: not in the paper - Eq. (2)'s anchors keep the annotation: CUEM's labels fed back into the
-            # features CUEM reads made its relabels self-confirming and collapsed training (README).
-            sup = supcon_loss(z_q, y, Q.feats, Q.labels, tau)  # Eq. (2)
+            # NOTE: not in the paper - Eq. (2)'s anchors keep the annotation, and a sample CUEM relabels is no anchor
+            # (label -1): CUEM's labels fed back into the features CUEM reads collapsed training (README).
+            sup = supcon_loss(z_q, torch.where(y_fer == y, y, -1), Q.feats, Q.labels, tau)  # Eq. (2)
     ce = F.cross_entropy(logits.float(), y_fer)  # Eq. (1): L_FER, on CUEM's labels
     loss = ce + lam * sup  # Eq. (3)
     opt.zero_grad(set_to_none=True)
@@ -470,7 +470,7 @@ class Images:
 
 EPOCH_SUMS = ("loss", "ce", "supcon", "relabelled", "relabelled_right", "noisy", "restored", "bad")
 # NOTE: not in the paper - an epoch in which CUEM relabels this share of the samples more than the known label
-# noise (0 when unknown) is flagged: the collapse of README's "CUEM under label noise" passed it at once.
+# noise (0 when unknown) is flagged: the collapses in README's "CUEM under label noise" passed it within 2 epochs.
 RELABEL_ALERT = 0.15
 
 @dataclass
