@@ -739,7 +739,7 @@ def banner(cfg, device, train_ds, test_ds, notes):
 def atomic_write(path: Path, write) -> None:
     """write(tmp_path), fsync, then rename over `path`: never a half-written file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")  # the suffix: torch.export wants .pt2
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
