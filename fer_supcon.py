@@ -1404,9 +1404,9 @@ def plot(d: ImageDraw.ImageDraw, box, title, xs, series: dict, lo=None, hi=None)
             d.line(pts, fill=COLORS[c], width=2)
         for x, y in pts:
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=COLORS[c])
-        d.rectangle([x1 - 8 - d.textlength(name, font=small) - 4, y0 + 6 + 17 * c, x1 - 4, y0 + 22 + 17 * c],
-                    fill="white")
-        d.text((x1 - 8, y0 + 8 + 17 * c), name, fill=COLORS[c], font=small, anchor="ra")
+        lx = x0 + sum(d.textlength(n, font=small) + 40 for n in list(series)[:c])  # legend under the axis
+        d.line([(lx, y1 + 50), (lx + 20, y1 + 50)], fill=COLORS[c], width=3)
+        d.text((lx + 26, y1 + 50), name, fill="black", font=small, anchor="lm")
 
 def draw_curves(history: list, data: str) -> Image.Image:
     """curves.png: accuracy, losses, the schedule (Eq. 4 and the lr) and CUEM's relabels, per epoch."""
