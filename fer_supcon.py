@@ -166,7 +166,7 @@ class ARM(nn.Module):
         # NOTE: not in the paper - a running mean of g (momentum 0.1, like BatchNorm) for test time, so that a
         # prediction does not depend on the other images of its batch.
         self.register_buffer("running_g", torch.zeros(self.o, self.o))
-        self.eval_batch_mean = eval_batch_mean
+        self.momentum, self.eval_batch_mean = 0.1, eval_batch_mean
 
     def forward(self, f):  # f: (B, 512, s, s)
         B = f.shape[0]
@@ -177,7 +177,7 @@ class ARM(nn.Module):
             g = y.mean((0, 1))  # (o, o): the mean over the batch and both maps
             if self.training:
                 with torch.no_grad():
-                    self.running_g.lerp_(g.float(), 0.1)
+                    self.running_g.lerp_(g.float(), self.momentum)
         else:
             g = self.running_g.to(y.dtype)
         z = y.mean(1) + self.affinity_weight * g  # (B, o, o): sharing affinity
@@ -424,8 +424,7 @@ def inject_label_noise(labels: torch.Tensor, p: float, num_classes: int, seed: i
     return noisy
 
 def epoch_order(labels: torch.Tensor, sampler: str, seed: int, epoch: int) -> torch.Tensor:
-    """The sample order of an epoch, a function of (seed, epoch). 'balanced': inverse class frequency, with
-    replacement, as many draws as samples."""
+    """The sample order of an epoch, a function of (seed, epoch); 'balanced': inverse class frequency, replacement."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     if sampler == "balanced":
         weights = 1.0 / torch.bincount(labels).clamp(min=1).double()[labels]
@@ -603,7 +602,7 @@ def progress(run: Run, epoch: int, step: int, steps: int, sums: dict, lam: float
     eta = ((run.cfg.epochs - epoch + 1) * steps - step) * B / rate
     print(f"epoch {epoch}/{run.cfg.epochs} step {step}/{steps} | loss {sums['loss'] / step:.4f} ce "
           f"{sums['ce'] / step:.4f} sup {sums['supcon'] / step:.4f} lam {lam:.4f} | {relabel_text(run, sums, step * B)}"
-          f" | {rate:.0f} samples/s | ETA {fmt_time(eta)}", flush=True)
+          f" | {rate:.0f} samples/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
 
 def relabel_text(run: Run, sums: dict, seen: int) -> str:
     """CUEM's relabels, their precision / recall when the truth is known, a flag past the known noise + alert."""
@@ -617,9 +616,11 @@ def relabel_text(run: Run, sums: dict, seen: int) -> str:
 
 def end_epoch(run: Run, epoch: int, sums: dict, seconds: float) -> dict:
     """After the steps: the lr decay, the test evaluation, the metrics row, the output files, the epoch's line."""
-    cfg, n, seen = run.cfg, sums["relabelled"], sums["steps"] * run.cfg.batch_size
+    cfg, dev, n, seen = run.cfg, run.device, sums["relabelled"], sums["steps"] * run.cfg.batch_size
     lr, t = run.opt.param_groups[0]["lr"], time.time()
     run.sched.step()  # lr x 0.9 after every epoch (Sec. III-B)
+    order = torch.randperm(len(run.train_ds), generator=torch.Generator().manual_seed(cfg.seed))[:NORM_STATS_IMAGES]
+    refresh_norm_stats(run.model, run.train_images, order, cfg.img_size, min(cfg.batch_size, len(order)), autocast(dev))
     eval_bs = 64 if cfg.arm_eval == "batch" else max(cfg.batch_size, 256)  # official protocol: 64, unshuffled
     conf = evaluate(run.model, run.test_images, run.test_ds.labels, cfg.img_size, eval_bs, len(run.test_ds.classes))
     row = dict(epoch=epoch, lr=lr, lam=sums["lam"], **{k: sums[k] / sums["steps"] for k in EPOCH_SUMS[:3]},
@@ -634,7 +635,7 @@ def end_epoch(run: Run, epoch: int, sums: dict, seconds: float) -> dict:
     save_outputs(run, epoch, is_best)
     print(f"== epoch {epoch}: test acc {100 * row['test_acc']:.2f}% mean class acc {100 * row['mean_class_acc']:.2f}%"
           f" | loss {row['loss']:.4f} ce {row['ce']:.4f} sup {row['supcon']:.4f} lam {row['lam']:.4f} | "
-          f"{relabel_text(run, sums, seen)} | {seconds:.1f}s + test {row['eval_seconds']:.1f}s", flush=True)
+          f"{relabel_text(run, sums, seen)} | {seconds:.1f}s + stats, test {row['eval_seconds']:.1f}s", flush=True)
     return row
 
 def train(cfg: Config, ckpt=None) -> dict:
@@ -656,7 +657,7 @@ def train(cfg: Config, ckpt=None) -> dict:
     print(f"final epoch {s['final_epoch']}: test acc {100 * s['final_acc']:.2f}% | best epoch {s['best_epoch']}: "
           f"{100 * s['best_acc']:.2f}% | mean of the last {len(s['last5_epochs'])} epochs: "
           f"{100 * s['last5_mean_acc']:.2f}% (the test set doubles as validation set, as in the FER literature) | "
-          f"{fmt_time(time.time() - clock[0])} | {run.out}")
+          f"{time.strftime('%H:%M:%S', time.gmtime(time.time() - clock[0]))} | {run.out}")
     return dict(s, out=str(run.out), history=run.history)
 
 def pick_device(name: str) -> torch.device:
@@ -664,11 +665,8 @@ def pick_device(name: str) -> torch.device:
         raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
     return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
-def autocast(device):
-    """bf16 autocast on CUDA (no GradScaler needed); plain float32 on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+def autocast(device):  # bf16 autocast on CUDA (no GradScaler needed); plain float32 on the CPU
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 def build_model(cfg: Config, num_classes: int, pretrained: str, device) -> FERSupCon:
     model = FERSupCon(num_classes, cfg.img_size, pretrained, arm=not cfg.no_arm,
@@ -693,11 +691,29 @@ def load_weights(model: nn.Module, state: dict, what) -> None:
 def logits_of(model, x: torch.Tensor, img_size: int, batch_size: int, amp=None) -> torch.Tensor:
     """Eval-mode logits (N, C) of uint8 images (N, 3, h, w) already on the model's device, in batches."""
     model.eval()
-    out = []
-    for xb in x.split(batch_size):
+    with amp or torch.autocast("cpu", enabled=False):
+        return torch.cat([model(prepare(xb, img_size).contiguous(memory_format=torch.channels_last)).float()
+                          for xb in x.split(batch_size)])
+
+# NOTE: not in the paper - before each test evaluation (and checkpoint) the running statistics are recomputed for the
+# current weights over this many training images ("precise BN"): running averages lag fast-moving weights (README).
+NORM_STATS_IMAGES = 2048
+
+@torch.no_grad()
+def refresh_norm_stats(model: FERSupCon, images: Images, order: torch.Tensor, img_size: int, batch_size: int,
+                       amp=None) -> None:
+    """The running statistics inference reads (trunk BatchNorms, ARM's BatchNorm and g) := their mean over the batches
+    of `order` (test transform), current weights: momentum 1 / (i + 1) at batch i gives the mean of batches 0..i."""
+    stats = [m for part in (model.encoder_q.trunk, model.classifier) for m in part.modules()
+             if isinstance(m, (nn.modules.batchnorm._BatchNorm, ARM))]
+    momenta = [m.momentum for m in stats]
+    for i, (x, _) in enumerate(images.batches(order, batch_size, drop_last=True)):
+        for m in stats:
+            m.momentum = 1 / (i + 1)
         with amp or torch.autocast("cpu", enabled=False):
-            out.append(model(prepare(xb, img_size).contiguous(memory_format=torch.channels_last)).float())
-    return torch.cat(out)
+            model.train()(prepare(x, img_size).contiguous(memory_format=torch.channels_last))  # batch statistics
+    for m, momentum in zip(stats, momenta):
+        m.momentum = momentum
 
 def evaluate(model, images: Images, labels: torch.Tensor, img_size, batch_size, num_classes) -> torch.Tensor:
     """The confusion matrix of the test split, in batches of batch_size in file order."""
@@ -720,17 +736,14 @@ def scores(conf: torch.Tensor) -> dict:
     return dict(test_acc=(tp.sum() / conf.sum().clamp(min=1)).item(), mean_class_acc=recall[has].mean().item(),
                 macro_f1=f1[has].mean().item(), per_class_acc=recall.tolist())
 
-def fmt_time(seconds):
-    return time.strftime("%H:%M:%S", time.gmtime(seconds))
-
 def banner(cfg, device, train_ds, test_ds, notes):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"fer_supcon | torch {torch.__version__} torchvision {torchvision.__version__} | {device.type}: {name} "
           f"| {torch.get_num_threads()} threads | seed {cfg.seed}")
     print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     for split, ds in (("train", train_ds), ("test", test_ds)):
-        counts = torch.bincount(ds.labels, minlength=len(ds.classes)).tolist()
-        print(f"{split}: {len(ds)} images, " + ", ".join(f"{c} {n}" for c, n in zip(ds.classes, counts)))
+        counts = zip(ds.classes, torch.bincount(ds.labels, minlength=len(ds.classes)).tolist())
+        print(f"{split}: {len(ds)} images, " + ", ".join(f"{c} {n}" for c, n in counts))
     print("".join(f"note: {n}\n" for n in notes), end="")
 
 
@@ -920,8 +933,7 @@ def batch_independence(model, x, y, img_size, n=256) -> dict:
     whole = logits_of(model, x, img_size, len(x))  # (n, C)
     alone = logits_of(model, x, img_size, 1)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0)).to(x.device)
-    shuffled = torch.empty_like(whole)
-    shuffled[perm] = logits_of(model, x[perm], img_size, 64)
+    shuffled = logits_of(model, x[perm], img_size, 64)[perm.argsort()]  # back in file order
     d1, d2 = ((a - whole).abs().max().item() for a in (alone, shuffled))
     acc = lambda logits: (logits.argmax(1) == y).double().mean().item()
     # float noise: far below the logits' scale (fp32 rounding of one sum is ~1e-7 relative)
@@ -1037,8 +1049,7 @@ def layout_error(data, message):
 def pil_to_uint8(img: Image.Image, size: int, box=None) -> torch.Tensor:
     """PIL image -> uint8 (3, size, size): optional face box crop, RGB, bilinear resize (antialiased)."""
     img = (img.crop(box) if box is not None else img).convert("RGB")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
+    img = img if img.size == (size, size) else img.resize((size, size), Image.BILINEAR)
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, S, S)
 
 class FaceDataset(torch.utils.data.Dataset):
@@ -1254,9 +1265,8 @@ SYNTHETIC_EXPRESSIONS = np.array([
 SYNTHETIC_JITTER = np.array([0.03, 0.03, 0.12, 0.03, 0.02, 0.05, 0.02, 0.0])  # identity's own face
 
 def draw_face(rng: np.random.Generator, label: int, size: int) -> Image.Image:
-    """One cartoon face showing expression `label` (RAF-DB order) at a random
-    intensity in [0.5, 1] (low intensities are close to neutral: ambiguous),
-    with random identity, pose, background, lighting and noise."""
+    """One cartoon face showing expression `label` (RAF-DB order) at a random intensity in [0.5, 1] (low intensities
+    are close to neutral: ambiguous), with random identity, pose, background, lighting and noise."""
     k = rng.uniform(0.5, 1.0)
     p = SYNTHETIC_EXPRESSIONS[6] + k * (SYNTHETIC_EXPRESSIONS[label] - SYNTHETIC_EXPRESSIONS[6])
     raise_, tilt, eye_open, curve, mouth_open, mouth_w, asym, wrinkle = p + rng.normal(0, 1, 8) * SYNTHETIC_JITTER
@@ -1304,14 +1314,12 @@ def draw_face(rng: np.random.Generator, label: int, size: int) -> Image.Image:
     img = img.rotate(rng.uniform(-10, 10), resample=Image.BILINEAR, fillcolor=bg)
     img = img.resize((size, size), Image.BILINEAR)
     x = np.asarray(img, dtype=np.float32) * rng.uniform(0.7, 1.15)  # lighting
-    if rng.random() < 0.2:
-        x = x.mean(2, keepdims=True).repeat(3, 2)  # some grayscale, like FERPlus
+    x = x.mean(2, keepdims=True).repeat(3, 2) if rng.random() < 0.2 else x  # some grayscale, like FERPlus
     x += rng.normal(0, rng.uniform(0, 6), x.shape)
     return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))
 
 class SyntheticFaces(FaceDataset):
-    """Seven expressions in RAF-DB order, drawn on demand; image i of a split
-    depends only on (seed, split, i)."""
+    """Seven expressions in RAF-DB order, drawn on demand; image i of a split depends only on (seed, split, i)."""
 
     def __init__(self, n, split, size, seed=0):
         self.key = [seed, {"train": 0, "test": 1}[split]]
@@ -1336,10 +1344,9 @@ def load_dataset(name, root, split, size, **options) -> FaceDataset:
         raise UserError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     if not root:
         raise UserError(f"--data {name} needs --root DIR (the dataset folder; layouts in README.md)")
-    root = Path(root)
-    if not root.is_dir():
+    if not Path(root).is_dir():
         raise UserError(f"dataset root {root} is not a folder")
-    return LOADERS[name](root, split, size, **options)
+    return LOADERS[name](Path(root), split, size, **options)
 
 def dataset_options(cfg: Config) -> dict:
     return dict(train_labels=cfg.train_labels, classes=cfg.classes, label_rule=cfg.ferplus_label, seed=cfg.seed,
@@ -1473,7 +1480,7 @@ def benchmark(cfg: Config, given: dict) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS
         name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     res = dict(device=name, torch=torch.__version__, img_size=S, batch_size=B, repeats=reps, compile=cfg.compile,
-               **{k: B / t for k, t in med.items()}, 
+               **{k: B / t for k, t in med.items()},
                overhead_ratio=med["full_samples_per_s"] / med["baseline_samples_per_s"], peak_memory_mb=peak)
     res["loader_samples_per_s"] *= len(cache) // B  # one job there is a pass over the cache
     print(f"benchmark on {name}, torch {torch.__version__}, {S}px, batch {B}, median of {reps} after {warmup} warm-up")
@@ -1519,15 +1526,12 @@ RESUME_FLAGS = {"epochs", "device", "workers", "log_every", "out", "cache", "cac
 
 def validate(cfg: Config, given: dict) -> None:
     """One-line errors for values and combinations that cannot work."""
-    try:
-        arm_sizes(cfg.img_size)
-    except ValueError as e:
-        raise UserError(f"--img-size {cfg.img_size}: {e}") from None
     for name in given:
         only = Config.__dataclass_fields__[name].metadata["only"]
         if only and cfg.data not in only:
             raise UserError(f"--{name.replace('_', '-')} applies to --data {' | '.join(only)} only, not {cfg.data}")
-    checks = [(0 <= cfg.label_noise < 1, f"--label-noise {cfg.label_noise}: expected a fraction in [0, 1)"),
+    checks = [(cfg.img_size >= 64, f"--img-size {cfg.img_size}: expected at least 64"),
+              (0 <= cfg.label_noise < 1, f"--label-noise {cfg.label_noise}: expected a fraction in [0, 1)"),
               (not (cfg.label_noise and cfg.train_labels), "--label-noise and --train-labels: give one of them"),
               (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: expected at least 1"),
               (cfg.epochs >= 1, f"--epochs {cfg.epochs}: expected at least 1"),
@@ -1544,10 +1548,8 @@ def validate(cfg: Config, given: dict) -> None:
 
 def user_message(e: Exception) -> str:
     """One line; a UserError raised in a DataLoader worker arrives wrapped in its traceback."""
-    msg = str(e)
-    if "Traceback" in msg:
-        msg = re.sub(r"^[\w.]*UserError: ", "", msg.strip().splitlines()[-1])
-    return msg.strip()
+    msg = str(e).strip()
+    return re.sub(r"^[\w.]*UserError: ", "", msg.splitlines()[-1]).strip() if "Traceback" in msg else msg
 
 def run(argv=None) -> dict:
     args = vars(build_parser().parse_args(argv))

@@ -397,6 +397,37 @@ def test_arm_eval_is_batch_independent_and_official_mode_is_not():
     assert not torch.allclose(arm(f)[:4], arm(f[:4]), atol=1e-3)
 
 
+def norm_layers(net):  # the BatchNorms inference reads: the trunk's and ARM's
+    return [m for part in (net.encoder_q.trunk, net.classifier) for m in part.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_refreshed_norm_statistics_are_the_mean_of_each_batchs_statistics_under_the_current_weights():
+    torch.manual_seed(0)
+    net = fs.FERSupCon(3, 64, queue_size=16)
+    for m in norm_layers(net):
+        m.running_mean.fill_(5.0)  # stale statistics: none of them may survive
+    net.classifier.running_g.fill_(5.0)
+    x, order = torch.randint(0, 256, (12, 3, 64, 64), dtype=torch.uint8), torch.randperm(12)
+    ref, seen, g = copy.deepcopy(net).train(), [], []  # the naive loop: record every batch's statistics
+    for i, m in enumerate(norm_layers(ref)):
+        seen.append([])
+        m.register_forward_hook(lambda m, inp, out, i=i: seen[i].append(inp[0]))
+    ref.classifier.bn.register_forward_hook(lambda m, inp, out: g.append(out.mean((0, 1))))  # ARM's g
+    with torch.no_grad():
+        for b in range(3):
+            ref(fs.prepare(x[order[4 * b:4 * b + 4]], 64))
+    weights = copy.deepcopy(dict(net.named_parameters()))
+    fs.refresh_norm_stats(net, fs.Images(None, torch.device("cpu"), False, 0, x=x), order, 64, 4, CPU)
+    # float32 activations from channels_last vs contiguous convolutions (~1e-6 apart here) and the running-mean
+    # arithmetic; 1e-4 relative is far above that and far below a one-batch error (batches differ by ~10 %)
+    for m, stats in zip(norm_layers(net), seen):
+        assert torch.allclose(m.running_mean, torch.stack([a.mean((0, 2, 3)) for a in stats]).mean(0), 1e-4, 1e-5)
+        assert torch.allclose(m.running_var, torch.stack([a.var((0, 2, 3)) for a in stats]).mean(0), 1e-4, 1e-5)
+        assert m.momentum == 0.1  # restored
+    assert torch.allclose(net.classifier.running_g, torch.stack(g).mean(0), 1e-4, 1e-5)
+    assert net.classifier.momentum == 0.1
+    assert all(torch.equal(p, weights[k]) for k, p in net.named_parameters())
+
 def test_image_size_under_64_is_rejected():
     with pytest.raises(ValueError, match="at least 64"):
         fs.arm_sizes(60)
@@ -786,6 +817,19 @@ def test_metrics_rows_carry_the_quoted_numbers(tiny_run):
     assert fs.scores(torch.tensor(row["confusion"]))["macro_f1"] == pytest.approx(row["macro_f1"])
     assert 0 <= row["relabel_precision"] <= 1 and 0 <= row["relabel_recall"] <= 1
 
+
+def test_checkpoints_hold_norm_statistics_refreshed_for_their_weights(tiny_run):
+    ckpt = torch.load(tiny_run["out"] / "last.pt", weights_only=True)
+    cfg = fs.checkpoint_config(ckpt, {}, ())
+    net = fs.build_model(cfg, 7, "none", torch.device("cpu"))
+    net.load_state_dict(ckpt["model"])
+    running = lambda: {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
+    saved = running()
+    train = fs.load_dataset("synthetic", "", "train", 64, synthetic_train=96, seed=cfg.seed)
+    order = torch.randperm(96, generator=torch.Generator().manual_seed(cfg.seed))
+    fs.refresh_norm_stats(net, fs.Images(train, torch.device("cpu"), True, 0), order, 64, 16, CPU)
+    again = running()
+    assert all(torch.allclose(saved[k], again[k], 1e-5, 1e-6) for k in saved)  # the same ops on the same data
 
 def test_summary_json_agrees_with_metrics_jsonl(tiny_run):
     s, rows = json.loads((tiny_run["out"] / "summary.json").read_text()), tiny_run["rows"]
