@@ -707,11 +707,13 @@ def refresh_norm_stats(model: FERSupCon, images: Images, order: torch.Tensor, im
     stats = [m for part in (model.encoder_q.trunk, model.classifier) for m in part.modules()
              if isinstance(m, (nn.modules.batchnorm._BatchNorm, ARM))]
     momenta = [m.momentum for m in stats]
+    model.train()  # each batch normalised by its own statistics, as in training
     for i, (x, _) in enumerate(images.batches(order, batch_size, drop_last=True)):
         for m in stats:
             m.momentum = 1 / (i + 1)
         with amp or torch.autocast("cpu", enabled=False):
-            model.train()(prepare(x, img_size).contiguous(memory_format=torch.channels_last))  # batch statistics
+            x = prepare(x, img_size).contiguous(memory_format=torch.channels_last)
+            model.classifier.forward(model.encoder_q.trunk(x))  # .forward: eager under --compile (momentum changes)
     for m, momentum in zip(stats, momenta):
         m.momentum = momentum
 
@@ -1407,8 +1409,7 @@ def plot(d: ImageDraw.ImageDraw, box, title, xs, series: dict, lo=None, hi=None)
     d.rectangle(box, outline="black")
     for c, (name, ys) in enumerate(series.items()):
         pts = [(X(i), y1 - (y1 - y0) * (v - lo) / (hi - lo)) for i, v in enumerate(ys) if v is not None]
-        if len(pts) > 1:
-            d.line(pts, fill=COLORS[c], width=2)
+        d.line(pts, fill=COLORS[c], width=2)  # nothing for a single point
         for x, y in pts:
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=COLORS[c])
         lx = x0 + sum(d.textlength(n, font=small) + 40 for n in list(series)[:c])  # legend under the axis
@@ -1423,12 +1424,11 @@ def draw_curves(history: list, data: str) -> Image.Image:
     def col(key, factor=1.0):  # None where the figure does not exist (L_sup is not computed while lambda = 0)
         shown = [r.get(key) is not None and (key != "supcon" or r["lam"] > 0) for r in history]
         return [r[key] * factor if ok else None for r, ok in zip(history, shown)]
-    last = history[-1]
     panels = [("test accuracy, %", dict(accuracy=col("test_acc", 100), **{"mean class": col("mean_class_acc", 100)}),
                None, None),
               ("training losses", {"cross-entropy, Eq. (1)": col("ce"), "L_sup, Eq. (2)": col("supcon")}, 0, None),
               ("schedule", {"lambda, Eq. (4)": col("lam"), "lr / first lr": col("lr", 1 / history[0]["lr"])}, 0, 1),
-              (f"CUEM, % of the epoch's samples (last: {last['relabelled']} relabelled)",
+              (f"CUEM, % of the epoch's samples (last: {history[-1]['relabelled']} relabelled)",
                {"relabelled": col("relabel_share", 100), "precision": col("relabel_precision", 100),
                 "recall": col("relabel_recall", 100)}, 0, 100)]
     for k, (title, series, lo, hi) in enumerate(panels):
