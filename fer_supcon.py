@@ -11,7 +11,7 @@ The network of Fig. 2 is a ResNet-18 trunk whose feature map feeds
     exceeds the one to its own class by more than theta.
 
 Run it:
-    python fer_supcon.py --data synthetic            # no download: ~2.5 min on a 2-core CPU
+    python fer_supcon.py --data synthetic            # no download: a few minutes on a 2-core CPU
     python fer_supcon.py --data rafdb --root RAF-DB  # the paper's setting, one GPU
     python fer_supcon.py --eval runs/X/best.pt       # accuracy, confusion matrix, batch-independence check
     python fer_supcon.py --predict faces/ --checkpoint runs/X/best.pt --csv predictions.csv
