@@ -58,12 +58,14 @@ class Config:
     root: str = param("", "dataset folder (layouts: README, 'Datasets')", only=REAL)
     train_labels: str = param("", "training labels from this file (noise02.txt)", only=("rafdb",))
     classes: int = param(8, "8 classes, or 7 without contempt", choices=(7, 8), only=("affectnet",))
-    ferplus_label: str = param("majority", "", choices=("majority", "argmax"), only=("ferplus",))
+    ferplus_label: str = param("majority", "label rule", choices=("majority", "argmax"),
+                               only=("ferplus",))
     synthetic_train: int = param(1500, "training images", only=("synthetic",))
     synthetic_test: int = param(700, "test images", only=("synthetic",))
     label_noise: float = param(0.0, "flip this share of training labels (SCN's protocol)")
     # NOTE: not in the paper - AffectNet's epochs are class-balanced (48 % of it is happiness)
-    sampler: str = param("shuffle", "", choices=("shuffle", "balanced"), affectnet="balanced")
+    sampler: str = param("shuffle", "epoch order", choices=("shuffle", "balanced"),
+                         affectnet="balanced")
     # NOTE: not in the paper - synthetic's defaults (64 px, batch 32, 8 epochs, GAP head, CUEM
     # from 5): a first run in minutes on a CPU
     img_size: int = param(224, "network input side, at least 64", synthetic=64)
@@ -112,8 +114,8 @@ class Config:
 def make_config(cli_values: dict) -> Config:
     """A run's config: the flags given, else the dataset's own default, else the field's."""
     data = cli_values.get("data", Config.data)
-    per_data = {f.name: f.metadata["per_data"][data] for f in dataclasses.fields(Config)
-                if data in f.metadata["per_data"]}
+    per_data = {opt.name: opt.metadata["per_data"][data] for opt in dataclasses.fields(Config)
+                if data in opt.metadata["per_data"]}
     return Config(**{**per_data, **cli_values})
 
 class UserError(Exception):
@@ -132,7 +134,7 @@ def build_trunk(pretrained: str = "none") -> nn.Sequential:
         raise UserError(f"cannot get the ImageNet weights of ResNet-18 ({type(e).__name__}: {e}); "
                         "use --pretrained none or --pretrained PATH") from None
     names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-    trunk = nn.Sequential(OrderedDict((n, getattr(resnet, n)) for n in names))
+    trunk = nn.Sequential(OrderedDict((name, getattr(resnet, name)) for name in names))
     if pretrained not in ("imagenet", "none"):
         load_trunk_weights(trunk, pretrained)
     return trunk
@@ -247,7 +249,7 @@ def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
     params_q, params_k = dict(online.named_parameters()), dict(target.named_parameters())
     buffers_q, buffers_k = dict(online.named_buffers()), dict(target.named_buffers())
     for what, q, k in (("parameters", params_q, params_k), ("buffers", buffers_q, buffers_k)):
-        if q.keys() != k.keys() or any(q[n].shape != k[n].shape for n in q):
+        if q.keys() != k.keys() or any(q[name].shape != k[name].shape for name in q):
             raise ValueError(f"momentum_update needs two modules with the same {what} "
                              "(names and shapes)")
     for name, w_q in params_q.items():
@@ -487,10 +489,10 @@ def epoch_order(labels: torch.Tensor, sampler: str, seed: int, epoch: int) -> to
 
 def decode_all(ds, workers: int) -> torch.Tensor:
     """Decode a whole split once, in `workers` processes: uint8 (N, 3, s, s)."""
-    out = torch.empty(len(ds), 3, ds.size, ds.size, dtype=torch.uint8)
+    images = torch.empty(len(ds), 3, ds.size, ds.size, dtype=torch.uint8)
     for x, _, idx in torch.utils.data.DataLoader(ds, batch_size=128, num_workers=workers):
-        out[idx] = x
-    return out
+        images[idx] = x
+    return images
 
 class Images:
     """A split's uint8 batches on the device: from a decoded cache there, or from workers."""
@@ -536,12 +538,12 @@ def train(cfg: Config, ckpt=None) -> dict:
             batches = state.train_images.batches(order, cfg.batch_size, drop_last=True)
             for step, (x, idx) in enumerate(batches):
                 x_q, x_k = two_views(x, cfg, epoch, step, use_keys)
-                out = train_step(model, state.opt, x_q, x_k, labels[idx], lam=lam,
+                result = train_step(model, state.opt, x_q, x_k, labels[idx], lam=lam,
                                  m=cfg.momentum, tau=cfg.tau, theta=cfg.theta,
                                  use_cuem=use_cuem, amp=autocast(state.device),
                                  cuem_two_views=cfg.cuem_two_views,
                                  skip_relabelled_anchors=cfg.skip_relabelled_anchors)
-                tally.add(step, idx, out)  # sums on the device; a progress line when due
+                tally.add(step, idx, result)  # sums on the device; a progress line when due
             state.sched.step()  # the learning rate x 0.9 after every epoch (Sec. III-B)
             test_epoch(state, tally)  # the test evaluation, the metrics row, the epoch's line
             save_outputs(state)
@@ -552,13 +554,13 @@ def train(cfg: Config, ckpt=None) -> dict:
             raise UserError(f"{e}; stopped; last good checkpoint: {where}") from None
         print(f"\ninterrupted in epoch {epoch}; last complete checkpoint: {where}", file=sys.stderr)
         raise SystemExit(130)
-    s = summarize(state.history, state.train_ds.classes, cfg)
+    summary = summarize(state.history, state.train_ds.classes, cfg)
     took = time.strftime("%H:%M:%S", time.gmtime(time.time() - state.started))
-    print(f"final epoch {s['final_epoch']}: test acc {100 * s['final_acc']:.2f}% | best epoch "
-          f"{s['best_epoch']}: {100 * s['best_acc']:.2f}% | mean of the last "
-          f"{len(s['last5_epochs'])} epochs: {100 * s['last5_mean_acc']:.2f}% | {took} | "
-          f"{state.out}")
-    return dict(s, out=str(state.out), history=state.history)
+    print(f"final epoch {summary['final_epoch']}: test acc {100 * summary['final_acc']:.2f}% | "
+          f"best epoch {summary['best_epoch']}: {100 * summary['best_acc']:.2f}% | mean of the "
+          f"last {len(summary['last5_epochs'])} epochs: {100 * summary['last5_mean_acc']:.2f}% | "
+          f"{took} | {state.out}")
+    return dict(summary, out=str(state.out), history=state.history)
 
 def two_views(x, cfg: Config, epoch: int, step: int, keys: bool):
     """The query view and, when the key branch runs, the key view of a uint8 batch."""
@@ -581,9 +583,7 @@ class TrainState:
                                            cfg.seed)
         # the known share of wrong training labels (injected or --train-labels), else 0
         self.noise = (ds.labels != ds.true_labels).double().mean().item()
-        notes = []
-        if ckpt is None:
-            cfg, notes = method_sizes(cfg, len(ds))
+        cfg, notes = method_sizes(cfg, len(ds)) if ckpt is None else (cfg, [])
         self.cfg = cfg
         self.model = build_model(cfg, len(ds.classes), "none" if ckpt else cfg.pretrained, device)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -646,16 +646,16 @@ class EpochTally:
         self.sums = torch.zeros(8 + C, dtype=torch.float64, device=state.device)
         self.started = self.last_line = time.time()
 
-    def add(self, step: int, idx, out: StepOut) -> None:
+    def add(self, step: int, idx, result: StepOut) -> None:
         y, y_true = self.labels[idx], self.true_labels[idx]
-        moved, right = out.y_fer != y, out.y_fer == y_true
+        moved, right = result.y_fer != y, result.y_fer == y_true
         noisy = y != y_true
-        bad = torch.where((self.sums[7] == 0) & ~out.loss.isfinite(), step + 1, 0)
-        step_sums = (out.loss, out.ce, out.supcon, moved.sum(), (moved & right).sum(),
+        bad = torch.where((self.sums[7] == 0) & ~result.loss.isfinite(), step + 1, 0)
+        step_sums = (result.loss, result.ce, result.supcon, moved.sum(), (moved & right).sum(),
                      noisy.sum(), (noisy & right).sum(), bad)
         self.sums[:8] += torch.stack([v.double() for v in step_sums])
-        self.sums[8:].index_add_(0, out.y_fer, moved.double())
-        self.state.relabels.add(idx, y, out)
+        self.sums[8:].index_add_(0, result.y_fer, moved.double())
+        self.state.relabels.add(idx, y, result)
         if time.time() - self.last_line > self.state.cfg.log_every or step + 1 == self.steps:
             values = self.sums.tolist()  # the one host sync
             self.figures = dict(zip(self.SUMS, values), steps=step + 1,
@@ -727,21 +727,22 @@ class RelabelLog:
         self.to_class = torch.zeros(n, num_classes, dtype=torch.int32, device=device)  # (N, C)
         self.last_u = torch.zeros(n, device=device)
 
-    def add(self, idx, y, out: StepOut) -> None:
-        moved = (out.y_fer != y).int()
-        self.seen.index_add_(0, idx, out.cuem_ran.int().expand(len(idx)))
+    def add(self, idx, y, result: StepOut) -> None:
+        moved = (result.y_fer != y).int()
+        self.seen.index_add_(0, idx, result.cuem_ran.int().expand(len(idx)))
         self.relabelled.index_add_(0, idx, moved)
-        self.to_class.index_put_((idx, out.y_fer), moved, accumulate=True)
-        self.last_u[idx] = torch.where(out.cuem_ran, out.u, self.last_u[idx])
+        self.to_class.index_put_((idx, result.y_fer), moved, accumulate=True)
+        self.last_u[idx] = torch.where(result.cuem_ran, result.u, self.last_u[idx])
 
 def relabel_alarm(relabelled_to: list, label_share, classes) -> str:
     """NOTE: not in the paper - '' or CUEM's collapse (README): a class gets >= 10 relabels, over
     twice and over 4 binomial standard deviations above what its share of the labels gives."""
     n = sum(relabelled_to)
-    for name, k, p in zip(classes, relabelled_to, label_share.tolist()):
-        if k >= 10 and k > 2 * n * p and k - n * p > 4 * math.sqrt(n * p * (1 - p)):
-            return (f"{name} received {k} of the {n} relabels, {k / max(n * p, 1e-9):.1f}x its "
-                    f"share of the labels ({100 * p:.0f}%): CUEM may be collapsing (README)")
+    for name, k, share in zip(classes, relabelled_to, label_share.tolist()):
+        expected = n * share
+        if k >= 10 and k > 2 * expected and k - expected > 4 * math.sqrt(expected * (1 - share)):
+            return (f"{name} received {k} of the {n} relabels, {k / max(expected, 1e-9):.1f}x its "
+                    f"share of the labels ({100 * share:.0f}%): CUEM may be collapsing (README)")
     return ""
 
 def decode_size(cfg: Config) -> int:
@@ -761,8 +762,7 @@ def statistics_text(cfg: Config) -> str:
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    use_cuda = name in ("auto", "cuda") and torch.cuda.is_available()
-    return torch.device("cuda" if use_cuda else "cpu")
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 def autocast(device):
     """NOTE: not in the paper - bf16 autocast on CUDA (no GradScaler); float32 on the CPU."""
@@ -795,13 +795,13 @@ def logits_of(model, x: torch.Tensor, img_size: int, batch_size: int, amp=None):
     """Eval-mode logits (N, C) of uint8 images (N, 3, h, w) in batches; the mode is kept."""
     was_training = model.training
     model.eval()
-    out = []
+    chunks = []
     with amp or torch.autocast("cpu", enabled=False):
         for xb in x.split(batch_size):
             xb = eval_transform(xb, img_size).contiguous(memory_format=torch.channels_last)
-            out.append(model(xb).float())
+            chunks.append(model(xb).float())
     model.train(was_training)
-    return torch.cat(out)
+    return torch.cat(chunks)
 
 PRECISE_BN_IMAGES = 2048
 
@@ -869,23 +869,23 @@ def atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")  # .pt2 for torch.export
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 def write_text(path, text: str) -> None:
-    atomic_write(path, lambda p: Path(p).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 def write_csv(path, rows) -> None:
     def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(rows)
+        with open(tmp, "w", newline="") as handle:
+            csv.writer(handle).writerows(rows)
     atomic_write(path, write)
 
 def write_png(path, image: Image.Image) -> None:
-    atomic_write(path, lambda p: image.save(p, format="PNG"))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 def load_torch_file(path, what):
     if not os.path.isfile(path):
@@ -932,9 +932,9 @@ def save_outputs(state: TrainState) -> None:
                       config=dataclasses.asdict(cfg), classes=classes, history=state.history,
                       rng=torch.get_rng_state(), relabels=vars(state.relabels),
                       card=model_card(cfg, classes))
-    atomic_write(state.out / "last.pt", lambda p: torch.save(checkpoint, p))
+    atomic_write(state.out / "last.pt", lambda tmp: torch.save(checkpoint, tmp))
     if summary["best_epoch"] == row["epoch"]:
-        atomic_write(state.out / "best.pt", lambda p: torch.save(checkpoint, p))
+        atomic_write(state.out / "best.pt", lambda tmp: torch.save(checkpoint, tmp))
     write_text(state.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
     write_text(state.out / "summary.json", json.dumps(summary, indent=1) + "\n")
     write_png(state.out / "curves.png", draw_curves(state.history, cfg.data))
@@ -1099,8 +1099,8 @@ def find_images(patterns) -> list[str]:
         if os.path.isfile(p):
             found.append(p)
         files = Path(p).rglob("*") if os.path.isdir(p) else glob.glob(p, recursive=True)
-        found += sorted(str(f) for f in files
-                        if Path(f).suffix.lower() in IMAGE_EXTENSIONS and os.path.isfile(f))
+        found += sorted(str(file) for file in files
+                        if Path(file).suffix.lower() in IMAGE_EXTENSIONS and os.path.isfile(file))
     if not found:
         raise UserError(f"no images found in {' '.join(patterns)} (expected image files, folders "
                         f"or globs of {', '.join(IMAGE_EXTENSIONS)})")
@@ -1120,16 +1120,16 @@ def run_predict(patterns, path, cli_values: dict, top=3, csv_path=None) -> dict:
     for x, errors in loader:
         probs = logits_of(model, x.to(device), cfg.img_size, len(x)).softmax(1).cpu()  # (b, C)
         done = len(probabilities) + len(skipped)
-        for f, p, err in zip(files[done:], probs, errors):
+        for file, prob, err in zip(files[done:], probs, errors):
             if err:
-                skipped.append(f)
+                skipped.append(file)
                 print(f"skipped: {err}", file=sys.stderr)
                 continue
-            probabilities[f] = p.tolist()
-            best = p.topk(min(top, len(p)))
-            print(f"{f}: " + ", ".join(f"{classes[i]} {v:.3f}" for v, i in
-                                       zip(best.values.tolist(), best.indices.tolist())))
-            rows.append([f, classes[int(p.argmax())], *(f"{v:.6f}" for v in p.tolist())])
+            probabilities[file] = prob.tolist()
+            best = prob.topk(min(top, len(prob)))
+            print(f"{file}: " + ", ".join(f"{classes[i]} {v:.3f}" for v, i in
+                                          zip(best.values.tolist(), best.indices.tolist())))
+            rows.append([file, classes[int(prob.argmax())], *(f"{v:.6f}" for v in prob.tolist())])
         if time.time() - tick > cfg.log_every:
             tick = time.time()
             print(f"... {done + len(x)} of {len(files)} images", file=sys.stderr, flush=True)
@@ -1159,7 +1159,7 @@ def run_export(file, path, cli_values: dict) -> dict:
     program = torch.export.export(net.eval(), (torch.zeros(2, 3, side, side, dtype=torch.uint8),),
                                   dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     extra = {"fer_supcon.json": json.dumps(card)}
-    atomic_write(file, lambda p: torch.export.save(program, p, extra_files=extra))
+    atomic_write(file, lambda tmp: torch.export.save(program, tmp, extra_files=extra))
     try:
         ds = load_dataset(cfg.data, cfg.root, "test", side, **dataset_options(cfg))
         x = torch.stack([ds[i][0] for i in range(min(64, len(ds)))])
@@ -1247,10 +1247,10 @@ def read_label_lines(path: Path, what: str) -> list[tuple[str, int]]:
     if not path.is_file():
         raise layout_error("rafdb", f"{what} not found: {path}")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for row_no, line in enumerate(path.read_text().splitlines(), 1):
         parts = line.split()
         if parts and (len(parts) != 2 or not parts[1].isdigit() or not 1 <= int(parts[1]) <= 7):
-            raise UserError(f"{path}:{n}: expected 'train_00001.jpg 5' (name, label 1..7), "
+            raise UserError(f"{path}:{row_no}: expected 'train_00001.jpg 5' (name, label 1..7), "
                             f"got {line!r}")
         if parts:
             rows.append((parts[0], int(parts[1]) - 1))
@@ -1280,9 +1280,9 @@ def load_rafdb(root: Path, split, size, train_labels="", **_):
 
 def load_imagefolder(root: Path, split, size, **_):
     names = ["train"] if split == "train" else ["test", "val"]
-    folder = next((root / n for n in names if (root / n).is_dir()), None)
+    folder = next((root / name for name in names if (root / name).is_dir()), None)
     if folder is None:
-        raise layout_error("imagefolder", f"no folder {' or '.join(str(root / n) for n in names)}")
+        raise layout_error("imagefolder", f"no folder {' or '.join(str(root / x) for x in names)}")
     train = root / "train"
     classes = sorted(d.name for d in train.iterdir() if d.is_dir()) if train.is_dir() else []
     here = sorted(d.name for d in folder.iterdir() if d.is_dir())
@@ -1307,14 +1307,15 @@ def load_affectnet(root: Path, split, size, classes=8, **_):
         head, *rows = read_csv_rows(lists, "AffectNet list") or [[]]
         col = {h.strip(): i for i, h in enumerate(head)}
         box_cols = [col.get(k) for k in ("face_x", "face_y", "face_width", "face_height")]
-        for n, row in enumerate(rows, 2):
+        for row_no, row in enumerate(rows, 2):
             try:
                 code = int(row[col["expression"]])
                 box = [int(float(row[i])) if i is not None else 0 for i in box_cols]  # x, y, w, h
                 path = root / "Manually_Annotated_Images" / row[col["subDirectory_filePath"]]
             except (ValueError, IndexError, KeyError):
-                raise layout_error("affectnet", f"{lists}:{n}: expected the header's columns with "
-                                                f"an integer expression, got {row[:7]}") from None
+                raise layout_error("affectnet", f"{lists}:{row_no}: expected the header's "
+                                                f"columns, an integer expression; got {row[:7]}"
+                                   ) from None
             if 0 <= code < classes:
                 paths.append(path)
                 labels.append(code)
@@ -1362,35 +1363,35 @@ class Fer2013Pixels(FaceDataset):
 
 def read_csv_rows(path: Path, what: str) -> list[list[str]]:
     try:
-        with open(path, newline="") as f:
-            return list(csv.reader(f))
+        with open(path, newline="") as handle:
+            return list(csv.reader(handle))
     except (OSError, csv.Error, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {what} {path}: {e}") from None
 
-def ferplus_row_label(votes, path, n, rule) -> int:
+def ferplus_row_label(votes, path, row_no, rule) -> int:
     try:
         return label_from_votes([int(v) for v in votes], rule)
     except ValueError:
-        raise UserError(f"{path}:{n}: expected 10 integer vote columns, got {votes}") from None
+        raise UserError(f"{path}:{row_no}: expected 10 integer vote columns, got {votes}") from None
 
 def load_ferplus(root: Path, split, size, label_rule="majority", **_):
     """fer2013.csv + fer2013new.csv (test: PrivateTest), or FER2013Train|Test/label.csv."""
     if (root / "fer2013.csv").is_file() and (root / "fer2013new.csv").is_file():
-        old = read_csv_rows(root / "fer2013.csv", "FERPlus file")[1:]
-        new = read_csv_rows(root / "fer2013new.csv", "FERPlus file")[1:]
-        if len(old) != len(new):
-            raise UserError(f"fer2013.csv has {len(old)} rows but fer2013new.csv {len(new)}: "
-                            "they must match row for row")
+        pixel_rows = read_csv_rows(root / "fer2013.csv", "FERPlus file")[1:]
+        vote_rows = read_csv_rows(root / "fer2013new.csv", "FERPlus file")[1:]
+        if len(pixel_rows) != len(vote_rows):
+            raise UserError(f"fer2013.csv has {len(pixel_rows)} rows, fer2013new.csv "
+                            f"{len(vote_rows)}: they must match row for row")
         usage = "Training" if split == "train" else "PrivateTest"
         pixels, labels = [], []
-        for n, (o, v) in enumerate(zip(old, new), 2):
+        for row_no, (o, v) in enumerate(zip(pixel_rows, vote_rows), 2):
             if len(o) != 3 or len(v) != 12 or o[2] != v[0]:
-                raise UserError(f"row {n}: expected fer2013.csv 'emotion,pixels,Usage' and "
+                raise UserError(f"row {row_no}: expected fer2013.csv 'emotion,pixels,Usage' and "
                                 f"fer2013new.csv 'Usage,Image name,<10 vote columns>' with the "
                                 f"same Usage, got {o[::2]} / {v[:2]}")
             if v[0] != usage or not v[1].strip():
                 continue  # another split, or an empty image name: removed by the FERPlus authors
-            label = ferplus_row_label(v[2:], root / "fer2013new.csv", n, label_rule)
+            label = ferplus_row_label(v[2:], root / "fer2013new.csv", row_no, label_rule)
             if label >= 0:
                 pixels.append(o[1])
                 labels.append(label)
@@ -1400,11 +1401,11 @@ def load_ferplus(root: Path, split, size, label_rule="majority", **_):
         raise layout_error("ferplus", f"neither {root / 'fer2013.csv'} + fer2013new.csv nor "
                                       f"{folder / 'label.csv'} exists")
     paths, labels = [], []
-    for n, row in enumerate(read_csv_rows(folder / "label.csv", "FERPlus label file"), 1):
+    for row_no, row in enumerate(read_csv_rows(folder / "label.csv", "FERPlus label file"), 1):
         if row and len(row) != 12:
-            raise UserError(f"{folder / 'label.csv'}:{n}: expected 'name.png,\"(0, 0, 48, 48)\","
-                            f"<10 vote columns>', got {row[:3]}")
-        label = ferplus_row_label(row[2:], folder / "label.csv", n, label_rule) if row else -1
+            raise UserError(f"{folder / 'label.csv'}:{row_no}: expected 'name.png,\"(0, 0, 48, "
+                            f"48)\",<10 vote columns>', got {row[:3]}")
+        label = ferplus_row_label(row[2:], folder / "label.csv", row_no, label_rule) if row else -1
         if label >= 0:
             paths.append(folder / row[0])
             labels.append(label)
@@ -1581,8 +1582,8 @@ def draw_curves(history: list, data: str) -> Image.Image:
     for k, (title, series) in enumerate(panels.items()):
         dx, y0 = 550 * (k % 2), 80 + 330 * (k // 2)
         # None where a figure does not exist (L_sup is not computed while lambda = 0)
-        ys = {name: [r[key] * f if r.get(key) is not None and (key != "supcon" or r["lam"] > 0)
-                     else None for r in history] for name, key, f in series}
+        ys = {name: [r[key] * scale if r.get(key) is not None and (key != "supcon" or r["lam"] > 0)
+                     else None for r in history] for name, key, scale in series}
         values = [v for vs in ys.values() for v in vs if v is not None] or [0.0, 1.0]
         lo, hi = min(values), max(values) + 1e-9
         draw.text((80 + dx, y0 - 24), title, fill="black", font=font)
@@ -1683,31 +1684,32 @@ class ArgParser(argparse.ArgumentParser):
 
 def build_parser() -> ArgParser:
     """Flags from Config (defaults from the same fields, per-dataset ones named), commands."""
-    p = ArgParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
-                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+    parser = ArgParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    for opt in dataclasses.fields(Config):
+        flag, meta = "--" + opt.name.replace("_", "-"), opt.metadata
         per_data = "".join(f"; {d}: {v}" for d, v in meta["per_data"].items())
         only = meta["only"] and len(meta["only"]) < len(REAL)
         text = f"{meta['help']}" + (f" [--data {' | '.join(meta['only'])}]" if only else "")
-        text += f" (default {f.default}{per_data})"
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action="store_true", help=text)
-            if f.name.startswith("no_"):  # --arm / --scl / --cuem undo synthetic's no_arm etc.
-                p.add_argument("--" + f.name[3:], dest=f.name, action="store_false",
-                               help=f"undo {flag}")
+        text += f" (default {opt.default}{per_data})"
+        if isinstance(opt.default, bool):
+            parser.add_argument(flag, action="store_true", help=text)
+            if opt.name.startswith("no_"):  # --arm / --scl / --cuem undo synthetic's no_arm
+                parser.add_argument("--" + opt.name[3:], dest=opt.name, action="store_false",
+                                    help=f"undo {flag}")
         else:
-            kind = float if f.name == "momentum" else type(f.default)
-            p.add_argument(flag, type=kind, choices=meta["choices"], help=text.replace("%", "%%"))
-    p.add_argument("--eval", metavar="CKPT", help="evaluate a checkpoint on the test split")
-    p.add_argument("--predict", metavar="PATH", nargs="+",
-                   help="classify images: files, folders (recursive), globs")
-    p.add_argument("--checkpoint", metavar="CKPT", help="the checkpoint for --predict, --export")
-    p.add_argument("--top", type=int, metavar="K", help="--predict: print K classes (default 3)")
-    p.add_argument("--csv", metavar="FILE", help="--predict: write probabilities to this CSV")
-    p.add_argument("--export", metavar="FILE", help="save the network with torch.export (.pt2)")
-    p.add_argument("--benchmark", action="store_true", help="measure the steps' speed")
-    return p
+            kind = float if opt.name == "momentum" else type(opt.default)
+            parser.add_argument(flag, type=kind, choices=meta["choices"],
+                                help=text.replace("%", "%%"))
+    parser.add_argument("--eval", metavar="CKPT", help="evaluate a checkpoint on the test split")
+    parser.add_argument("--predict", metavar="PATH", nargs="+",
+                        help="classify images: files, folders (recursive), globs")
+    parser.add_argument("--checkpoint", metavar="CKPT", help="--predict's, --export's checkpoint")
+    parser.add_argument("--top", type=int, metavar="K", help="--predict: print K (default 3)")
+    parser.add_argument("--csv", metavar="FILE", help="--predict: write probabilities here")
+    parser.add_argument("--export", metavar="FILE", help="save the network with torch.export")
+    parser.add_argument("--benchmark", action="store_true", help="measure the steps' speed")
+    return parser
 
 RESUME_FLAGS = {"epochs", "device", "workers", "log_every", "out", "cache", "resume"}
 

@@ -514,12 +514,10 @@ def readme_block(title):
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-def test_readme_using_the_pieces_runs_and_prints_a_real_loss(tmp_path):
-    # a subprocess: a clean interpreter that imports fer_supcon as a user would
-    script = tmp_path / "pieces.py"
-    script.write_text(readme_block("Using the pieces"))
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                       timeout=300, cwd=HERE)
+def test_readme_using_the_pieces_runs_and_prints_a_real_loss():
+    # a subprocess: a clean interpreter in the repository, importing fer_supcon as a user would
+    r = subprocess.run([sys.executable, "-c", readme_block("Using the pieces")],
+                       capture_output=True, text=True, timeout=300, cwd=HERE)
     assert r.returncode == 0, r.stderr
     loss = float(re.search(r"L_sup ([\d.]+)", r.stdout).group(1))
     assert loss > 0 and "L_total" in r.stdout
