@@ -66,18 +66,20 @@ class Config:
     # NOTE: not in the paper - AffectNet's epochs are class-balanced (48 % of it is happiness)
     sampler: str = param("shuffle", "epoch order", choices=("shuffle", "balanced"),
                          affectnet="balanced")
-    # NOTE: not in the paper - synthetic's defaults (64 px, batch 32, 8 epochs, GAP head, CUEM
-    # from 5): a first run in minutes on a CPU
+    # NOTE: not in the paper - synthetic's defaults: a first run in minutes on a CPU (README)
     img_size: int = param(224, "network input side, at least 64", synthetic=64)
     cache: str = param("auto", "decoded images on the device (auto: up to 8 GiB)",
                        choices=("auto", "on", "off"))
     workers: int = param(min(8, os.cpu_count() or 1), "decoding processes")
-    # network (Sec. II, Fig. 2)
+    # network (Sec. II, Fig. 2) and its evaluation
     pretrained: str = param("imagenet", "imagenet | none | PATH (ResNet-18)", synthetic="none")
     no_arm: bool = param(False, "GAP + linear instead of ARM (ablation)", synthetic=True)
     arm_eval: str = param(
         "running", "ARM's test-time g: running mean | batch (the official scripts' protocol)",
         choices=("running", "batch"))
+    precise_bn: bool = param(
+        False, "NOT THE FIELD'S PROTOCOL: recompute BatchNorm statistics before each test "
+        "(README: effect)")
     # II-A supervised contrastive learning
     queue_size: int = param(8192, "K, queue slots (Sec. II-A)")
     momentum: float | None = param(None, "m, key-encoder momentum; none: 1 - B / K")
@@ -99,10 +101,6 @@ class Config:
     lr: float = param(1e-3, "Adam learning rate")
     weight_decay: float = param(1e-4, "Adam weight decay")
     lr_decay: float = param(0.9, "learning rate x this after every epoch")
-    # evaluation
-    precise_bn: bool = param(
-        False, "NOT THE FIELD'S PROTOCOL: recompute BatchNorm statistics before each test "
-        "(README: effect)")
     # the run
     device: str = param("auto", "where to train", choices=("auto", "cuda", "cpu"))
     seed: int = param(0, "seed of init, data order, augmentation and label noise")
@@ -1584,8 +1582,9 @@ def draw_curves(history: list, data: str) -> Image.Image:
         # None where a figure does not exist (L_sup is not computed while lambda = 0)
         ys = {name: [r[key] * scale if r.get(key) is not None and (key != "supcon" or r["lam"] > 0)
                      else None for r in history] for name, key, scale in series}
-        values = [v for vs in ys.values() for v in vs if v is not None] or [0.0, 1.0]
-        lo, hi = min(values), max(values) + 1e-9
+        ys = {name: v for name, v in ys.items() if any(y is not None for y in v)}
+        values = [v for vs in ys.values() for v in vs if v is not None] or [0.0]
+        lo, hi = min(values), max(values) if max(values) > min(values) else min(values) + 1
         draw.text((80 + dx, y0 - 24), title, fill="black", font=font)
         for j in range(5):
             y = y0 + 240 - 60 * j
@@ -1595,13 +1594,15 @@ def draw_curves(history: list, data: str) -> Image.Image:
         draw.rectangle((80 + dx, y0, 520 + dx, y0 + 240), outline="black")
         draw.text((80 + dx, y0 + 246), f"epochs {history[0]['epoch']}-{history[-1]['epoch']}",
                   fill="black", font=small)
-        for c, (name, vs) in enumerate(ys.items()):
+        legend_x = 200 + dx
+        for color, (name, vs) in zip(COLORS, ys.items()):
             pts = [(x + dx, y0 + 240 - 240 * (v - lo) / (hi - lo)) for x, v in zip(xs, vs)
                    if v is not None]
-            draw.line(pts, fill=COLORS[c], width=2)  # nothing for a single point
+            draw.line(pts, fill=color, width=2)  # nothing for a single point
             for x, y in pts:
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=COLORS[c])
-            draw.text((200 + dx + 110 * c, y0 + 246), name, fill=COLORS[c], font=small)
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+            draw.text((legend_x, y0 + 246), name, fill=color, font=small)
+            legend_x += draw.textlength(name, font=small) + 24
     return img
 
 def draw_relabels(tiles: list, title: str) -> Image.Image:
