@@ -635,9 +635,8 @@ class EpochTally:
         self.state, self.epoch = state, epoch
         self.lam, self.lr = lam, state.opt.param_groups[0]["lr"]
         self.steps = len(order) // state.cfg.batch_size
-        labels, used = state.train_ds.labels, order[:self.steps * state.cfg.batch_size]
-        C = len(state.train_ds.classes)
-        self.label_share = torch.bincount(labels[used], minlength=C) / len(used)  # (C,)
+        labels, C = state.train_ds.labels, len(state.train_ds.classes)
+        self.epoch_labels = labels[order[:self.steps * state.cfg.batch_size]]  # host, in order
         self.labels = labels.to(state.device)
         self.true_labels = state.train_ds.true_labels.to(state.device)
         # SUMS ("bad": the first non-finite step, 0: none), then the relabels to each class
@@ -684,8 +683,14 @@ class EpochTally:
         if self.state.noise > 0 and n > 0:
             text += (f" (precision {sums['relabelled_right'] / n:.2f}, recall "
                      f"{sums['restored'] / max(sums['noisy'], 1):.2f})")
-        alarm = relabel_alarm(sums["relabelled_to"], self.label_share, self.state.train_ds.classes)
+        alarm = self.alarm()
         return text + (f" UNUSUAL: {alarm}" if alarm else "")
+
+    def alarm(self) -> str:
+        labelled = torch.bincount(self.epoch_labels[:self.figures["seen"]],
+                                  minlength=len(self.figures["relabelled_to"]))
+        return relabel_alarm(self.figures["relabelled_to"], labelled.tolist(),
+                             self.state.train_ds.classes)
 
 def test_epoch(state: TrainState, tally: EpochTally) -> dict:
     """After the steps: the test evaluation, the epoch's metrics row and its line."""
@@ -698,10 +703,9 @@ def test_epoch(state: TrainState, tally: EpochTally) -> dict:
     conf = evaluate(state.model, state.test_images, state.test_ds.labels, cfg.img_size,
                     cfg.batch_size, len(state.test_ds.classes))
     n, seen = sums["relabelled"], sums["seen"]
-    alarm = relabel_alarm(sums["relabelled_to"], tally.label_share, state.train_ds.classes)
     row = dict(epoch=tally.epoch, lr=tally.lr, lam=tally.lam, relabelled=int(n),
                relabel_share=n / seen, relabelled_to=sums["relabelled_to"],
-               relabel_alarm=bool(alarm), loss=sums["loss"] / sums["steps"],
+               relabel_alarm=bool(tally.alarm()), loss=sums["loss"] / sums["steps"],
                ce=sums["ce"] / sums["steps"], supcon=sums["supcon"] / sums["steps"],
                **scores(conf), seconds=tally.seconds, samples_per_s=seen / tally.seconds,
                eval_seconds=time.time() - t0, confusion=conf.tolist())
@@ -732,15 +736,13 @@ class RelabelLog:
         self.to_class.index_put_((idx, result.y_fer), moved, accumulate=True)
         self.last_u[idx] = torch.where(result.cuem_ran, result.u, self.last_u[idx])
 
-def relabel_alarm(relabelled_to: list, label_share, classes) -> str:
-    """NOTE: not in the paper - '' or CUEM's collapse (README): a class gets >= 10 relabels, over
-    twice and over 4 binomial standard deviations above what its share of the labels gives."""
-    n = sum(relabelled_to)
-    for name, k, share in zip(classes, relabelled_to, label_share.tolist()):
-        expected = n * share
-        if k >= 10 and k > 2 * expected and k - expected > 4 * math.sqrt(expected * (1 - share)):
-            return (f"{name} received {k} of the {n} relabels, {k / max(expected, 1e-9):.1f}x its "
-                    f"share of the labels ({100 * share:.0f}%): CUEM may be collapsing (README)")
+def relabel_alarm(relabelled_to: list, labelled: list, classes) -> str:
+    """NOTE: not in the paper - '' or CUEM's collapse (README): in one epoch, a class receives
+    at least 10 relabels, and more than the samples annotated with it: it would double."""
+    for name, k, m in zip(classes, relabelled_to, labelled):
+        if k >= 10 and k > m:
+            return (f"{name} received {k} relabels, {k / max(m, 1):.1f}x its {m} annotated "
+                    f"samples this epoch: CUEM may be collapsing (README)")
     return ""
 
 def decode_size(cfg: Config) -> int:
@@ -828,9 +830,8 @@ def evaluate(model, images: Images, labels: torch.Tensor, img_size, batch_size, 
               for x, _ in images.batches(torch.arange(len(labels)), batch_size, drop_last=False)]
     return confusion(torch.cat(logits), labels.to(images.device), num_classes)
 
-def confusion(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+def confusion(logits: torch.Tensor, y: torch.Tensor, C: int) -> torch.Tensor:
     """(C, C) counts, rows: true class, columns: predicted."""
-    C = num_classes
     return torch.bincount(y * C + logits.argmax(1), minlength=C * C).view(C, C).cpu()
 
 def scores(conf: torch.Tensor) -> dict:
