@@ -1135,8 +1135,10 @@ def test_resume_after_sigkill_gives_bitwise_equal_weights(tmp_path):
 
 
 def test_ctrl_c_stops_cleanly_and_names_the_last_checkpoint(tmp_path):
+    # SIGINT back to its default in the child: a shell's background job inherits it ignored
     proc = start_cli(TINY + ["--epochs", "50", "--out", str(tmp_path)], stdout=subprocess.PIPE,
-                     stderr=subprocess.PIPE)
+                     stderr=subprocess.PIPE,
+                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(tmp_path / "last.pt", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
