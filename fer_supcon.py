@@ -18,19 +18,22 @@ paper's text or the official code; README.md lists both with their reasons.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import dataclasses
+import functools
 import glob
+import inspect
 import json
 import math
 import os
 import platform
 import re
 import sys
+import tempfile
 import time
+import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,82 +44,107 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageDraw, ImageFont
 
+# ==== Constants ================================================================================
+
 DATASETS = ("rafdb", "affectnet", "ferplus", "imagefolder", "synthetic")
-REAL = DATASETS[:4]
+REAL = DATASETS[:4]  # the licensed ones, read from --root
+RAFDB_CLASSES = ["surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral"]
+AFFECTNET_CLASSES = ["neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger",
+                     "contempt"]
+FERPLUS_CLASSES = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear",
+                   "contempt"]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+LAYOUTS = dict(  # README, 'Datasets', has them in full
+    rafdb="ROOT/EmoLabel/list_patition_label.txt ('train_00001.jpg 5' lines) and "
+          "ROOT/Image/aligned/train_00001_aligned.jpg",
+    imagefolder="ROOT/train/<class>/*.jpg|png and ROOT/test/<class>/* (or ROOT/val/)",
+    affectnet="ROOT/Manually_Annotated_file_lists/{training,validation}.csv and "
+              "ROOT/Manually_Annotated_Images/, or ROOT/{train_set,val_set}/{images,annotations}/",
+    ferplus="ROOT/fer2013.csv and ROOT/fer2013new.csv (row for row), or "
+            "ROOT/FER2013{Train,Test}/ with PNGs and a label.csv of vote rows")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+GPU_HEADROOM = 16 * 2 ** 30  # GPU memory a cache leaves free for training
+PRECISE_BN_IMAGES = 2048  # --precise-bn's training images
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "config", "classes", "history",
+                   "rng", "relabels", "card"}
+CROPS = dict(rafdb="RAF-DB aligned 100x100 face crops", affectnet="AffectNet face boxes, cropped",
+             ferplus="FER2013 48x48 grayscale face crops", synthetic="fer_supcon's cartoon faces",
+             imagefolder="the images of the training folder")
+NATIVE_SIZE = {"rafdb": 100, "ferplus": 48}  # the side of the dataset's own images
+COLORS = [(31, 78, 160), (214, 96, 40), (50, 150, 60), (160, 50, 150)]
 
-# ==== Config (Sec. III-B) =====================================================================
-
-def param(default, help, choices=None, only=None, **per_data):
-    """A config field: default, help, allowed values, datasets it applies to, their defaults."""
-    return field(default=default, metadata=dict(help=help, choices=choices, only=only,
-                                                per_data=per_data))
+# ==== Config (Sec. III-B): a field's comment is its --help line ===============================
 
 @dataclass
 class Config:
     # data (Sec. III-A)
-    data: str = param("synthetic", "dataset", choices=DATASETS)
-    root: str = param("", "dataset folder (layouts: README, 'Datasets')", only=REAL)
-    train_labels: str = param("", "training labels from this file (noise02.txt)", only=("rafdb",))
-    classes: int = param(8, "8 classes, or 7 without contempt", choices=(7, 8), only=("affectnet",))
-    ferplus_label: str = param("majority", "label rule", choices=("majority", "argmax"),
-                               only=("ferplus",))
-    synthetic_train: int = param(1500, "training images", only=("synthetic",))
-    synthetic_test: int = param(700, "test images", only=("synthetic",))
-    label_noise: float = param(0.0, "flip this share of training labels (SCN's protocol)")
-    # NOTE: not in the paper - AffectNet's epochs are class-balanced (48 % of it is happiness)
-    sampler: str = param("shuffle", "epoch order", choices=("shuffle", "balanced"),
-                         affectnet="balanced")
-    # NOTE: not in the paper - synthetic's defaults: a first run in minutes on a CPU (README)
-    img_size: int = param(224, "network input side, at least 64", synthetic=64)
-    cache: str = param("auto", "decoded images on the device (auto: up to 8 GiB)",
-                       choices=("auto", "on", "off"))
-    workers: int = param(min(8, os.cpu_count() or 1), "decoding processes")
+    data: str = "synthetic"  # the dataset: rafdb | affectnet | ferplus | imagefolder | synthetic
+    root: str = ""  # the dataset's folder (layouts: README)
+    train_labels: str = ""  # training labels from this file, e.g. noise02.txt
+    classes: int = 8  # 8, or 7 without contempt (the paper: 8)
+    ferplus_label: str = "majority"  # label rule: majority (Microsoft's) | argmax (ours)
+    synthetic_train: int = 1500  # training images
+    synthetic_test: int = 700  # test images
+    label_noise: float = 0.0  # flip this share of the training labels (SCN's protocol)
+    sampler: str = "shuffle"  # epoch order: shuffle | balanced (ours, for AffectNet)
+    img_size: int = 224  # network input side (ARM: 224; at least 64 with ARM, 32 without)
+    augment: str = "arm"  # training views: arm (ARM's recipe) | affine (ours, README)
+    cache: str = "auto"  # decoded images kept: auto (device, else host, else none) | on | off
+    workers: int = min(8, os.cpu_count() or 1)  # decoding processes
     # network (Sec. II, Fig. 2) and its evaluation
-    pretrained: str = param("imagenet", "imagenet | none | PATH (ResNet-18)", synthetic="none")
-    no_arm: bool = param(False, "GAP + linear instead of ARM (ablation)", synthetic=True)
-    arm_eval: str = param(
-        "running", "ARM's test-time g: running mean | batch (the official scripts' protocol)",
-        choices=("running", "batch"))
-    precise_bn: bool = param(
-        False, "NOT THE FIELD'S PROTOCOL: BatchNorm statistics recomputed before each test "
-        "(digits: finals moved by -0.3 to +0.8 points; README)")
+    pretrained: str = "imagenet"  # trunk weights: imagenet (Sec. III-B) | none | PATH
+    arm: bool = True  # ARM as the top branch (Sec. II); --no-arm: GAP + linear
+    head_bn: bool = True  # BatchNorm in the projection head (SimCLR v2, MoCo v3; README)
+    test_batch_size: int = 64  # test batches in file order (ARM's test script)
+    precise_bn: bool = False  # option: BatchNorm statistics recomputed before each test
     # II-A supervised contrastive learning
-    queue_size: int = param(8192, "K, queue slots (Sec. II-A)")
-    momentum: float | None = param(None, "m, key-encoder momentum; none: 1 - B / K")
-    tau: float = param(0.1, "tau, temperature of Eq. (2)")
-    no_scl: bool = param(False, "lambda = 0: no supervised contrastive loss (Table II)")
-    skip_relabelled_anchors: bool = param(
-        False, "NOT THE PAPER'S: a relabelled sample is no Eq. (2) anchor (digits, final vs "
-        "defaults: -1.1 points at 20 % noise, +1.2 at 40 %, +2.0 at 30 % asymmetric; README)")
+    queue_size: int = 8192  # K, the queue's slots (Sec. II-A)
+    momentum: float | None = None  # m of the key encoder; none: 1 - B / K (ours, README)
+    tau: float = 0.1  # tau of Eq. (2)
+    supcon_reduction: str = "mean"  # Eq. (2) over anchors: mean (SupContrast) | sum (as written)
+    scl: bool = True  # L_sup of Eq. (2) (Table II); --no-scl: lambda = 0
+    skip_relabelled_anchors: bool = False  # option: a relabelled sample is no Eq. (2) anchor
     # II-B CUEM
-    theta: float = param(0.1, "theta, CUEM's uncertainty threshold (Sec. II-B)")
-    cuem_start: int = param(10, "first epoch of CUEM (not in the paper: SCN's)", synthetic=5)
-    no_cuem: bool = param(False, "no relabelling (Table II)")
-    cuem_two_views: bool = param(
-        False, "NOT THE PAPER'S: CUEM's S averaged over z_q and z_k (digits, final vs defaults: "
-        "+0.5 points at 20 % noise, -0.1 at 40 %, +5.0 at 30 % asymmetric; README)")
-    # II-C objective, Sec. III-B optimiser
-    alpha: float = param(30.0, "alpha of Eq. (4)")
-    beta: float = param(1e-4, "beta of Eq. (4)")
-    epochs: int = param(100, "training epochs", synthetic=8)
-    batch_size: int = param(256, "batch size", synthetic=32)
-    lr: float = param(1e-3, "Adam learning rate")
-    weight_decay: float = param(1e-4, "Adam weight decay")
-    lr_decay: float = param(0.9, "learning rate x this after every epoch")
+    theta: float = 0.1  # theta of CUEM (Sec. II-B)
+    cuem: bool = True  # CUEM's relabelling (Table II)
+    cuem_start: int = 10  # CUEM's first epoch (SCN's relabelling start)
+    cuem_two_views: bool = False  # option: CUEM's S averaged over z_q and the key view's z_k
+    # II-C objective, III-B optimiser
+    alpha: float = 30.0  # alpha of Eq. (4)
+    beta: float = 1e-4  # beta of Eq. (4)
+    epochs: int = 100  # training epochs (Sec. III-B)
+    batch_size: int = 256  # (Sec. III-B)
+    lr: float = 1e-3  # Adam's learning rate (Sec. III-B)
+    weight_decay: float = 1e-4  # Adam's weight decay (Sec. III-B)
+    lr_decay: float = 0.9  # the learning rate x this after every epoch (Sec. III-B)
     # the run
-    device: str = param("auto", "where to train", choices=("auto", "cuda", "cpu"))
-    seed: int = param(0, "seed of init, data order, augmentation and label noise")
-    out: str = param("", "output folder; empty: runs/<data>-<date>-<time>")
-    resume: str = param("", "continue the run saved in this last.pt")
-    compile: bool = param(False, "torch.compile the network")
-    log_every: float = param(10.0, "seconds between progress lines")
+    device: str = "auto"  # where to train: auto | cuda | cpu
+    seed: int = 0  # of the initial weights, data order, augmentation and label noise
+    out: str = ""  # output folder; empty: runs/<data>-<date>-<time>
+    resume: str = ""  # continue the run saved in this last.pt
+    compile: bool = False  # torch.compile the network
+    deterministic: bool = False  # CUDA runs bit for bit, slower (CPU runs are anyway)
+    log_every: float = 10.0  # seconds between progress lines
 
-def make_config(cli_values: dict) -> Config:
+CHOICES = dict(data=DATASETS, classes=(7, 8), ferplus_label=("majority", "argmax"),
+               sampler=("shuffle", "balanced"), augment=("arm", "affine"),
+               cache=("auto", "on", "off"), supcon_reduction=("mean", "sum"),
+               device=("auto", "cuda", "cpu"))
+ONLY = dict(root=REAL, train_labels=("rafdb",), classes=("affectnet",),  # the datasets a
+            ferplus_label=("ferplus",), synthetic_train=("synthetic",),  # field applies to
+            synthetic_test=("synthetic",))
+# NOTE: not in the paper - a dataset's own defaults: a first synthetic run in minutes on a CPU
+# (ARM cannot learn from random weights); AffectNet's 48 % happiness balanced (README)
+DATA_DEFAULTS = dict(synthetic=dict(img_size=64, pretrained="none", arm=False, epochs=8,
+                                    batch_size=32, cuem_start=5),
+                     affectnet=dict(sampler="balanced"))
+
+def make_config(given: dict) -> Config:
     """A run's config: the flags given, else the dataset's own default, else the field's."""
-    data = cli_values.get("data", Config.data)
-    per_data = {opt.name: opt.metadata["per_data"][data] for opt in dataclasses.fields(Config)
-                if data in opt.metadata["per_data"]}
-    return Config(**{**per_data, **cli_values})
+    return Config(**{**DATA_DEFAULTS.get(given.get("data", Config.data), {}), **given})
+
+def applies(name: str, data: str) -> bool:
+    return data in ONLY.get(name, DATASETS)
 
 class UserError(Exception):
     """A mistake the user can fix; main() prints it as one line and exits 2."""
@@ -127,37 +155,24 @@ class UserError(Exception):
 def build_trunk(pretrained: str = "none") -> nn.Sequential:
     """torchvision ResNet-18 up to layer4 (no avgpool, no fc): (B, 3, S, S) -> (B, 512, s, s),
     s = ceil(S / 32). pretrained: 'imagenet' (Sec. III-B), 'none' or a state dict's path."""
-    imagenet = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    try:
-        resnet = torchvision.models.resnet18(weights=imagenet if pretrained == "imagenet" else None)
-    except Exception as e:  # offline, proxy, ...
-        raise UserError(f"cannot get the ImageNet weights of ResNet-18 ({type(e).__name__}: {e}); "
-                        "use --pretrained none or --pretrained PATH") from None
+    resnet = torchvision.models.resnet18()
+    if pretrained == "imagenet":  # downloaded by torchvision on the first run, then cached
+        try:
+            weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.get_state_dict()
+        except Exception as e:  # offline, proxy, ...
+            raise UserError(f"cannot get the ImageNet weights of ResNet-18 ({type(e).__name__}: "
+                            f"{e}); use --pretrained none or --pretrained PATH") from None
+        resnet.load_state_dict(weights)
     names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
     trunk = nn.Sequential(OrderedDict((name, getattr(resnet, name)) for name in names))
     if pretrained not in ("imagenet", "none"):
         load_trunk_weights(trunk, pretrained)
     return trunk
 
-def load_trunk_weights(trunk: nn.Module, path: str) -> None:
-    """A ResNet-18 state dict (e.g. resnet18_msceleb.pth), bare or under 'state_dict', with or
-    without 'module.'; fc.* is ignored, any other missing or unused tensor is an error."""
-    sd = load_torch_file(path, "--pretrained file")
-    if isinstance(sd, dict):
-        sd = sd.get("state_dict", sd)
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise UserError(f"--pretrained {path}: expected a ResNet-18 state dict (name -> tensor)")
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-    own = trunk.state_dict()  # files saved before PyTorch 0.4.1 lack BatchNorm's update counts
-    for k in own.keys() - sd.keys():
-        if k.endswith("num_batches_tracked"):
-            sd[k] = own[k]
-    load_weights(trunk, sd, f"--pretrained {path} (ResNet-18)")
-
 class ARM(nn.Module):
     """Amending Representation Module (Shi & Zhu, arXiv 2103.10189), Fig. 2's top branch:
-    (B, 512, s, s) -> logits (B, C). eval_batch_mean=True: the official code's test time."""
+    (B, 512, s, s) -> logits (B, C). In eval mode g is the running mean, or with
+    eval_batch_mean=True the mean over the batch, as in the official test script."""
 
     @staticmethod
     def sides(img_size: int) -> tuple[int, int]:
@@ -175,8 +190,9 @@ class ARM(nn.Module):
         self.bn = nn.BatchNorm2d(2)
         self.affinity_weight = nn.Parameter(torch.ones(1))  # `alpha` in the official code
         self.fc = nn.Linear(self.out_side ** 2, num_classes)
-        # NOTE: departs from the official code - in eval mode g is a running mean (momentum 0.1,
-        # like BatchNorm's): an answer does not depend on its batch (official: --arm-eval batch)
+        # NOTE: not in the paper - a running mean of g (momentum 0.1, like BatchNorm's) for
+        # --predict and --export, where one image has no batch; every test evaluation reports
+        # the official protocol (g from each test batch of 64) and this one beside it
         self.register_buffer("running_g", torch.zeros(self.out_side, self.out_side))
         self.momentum, self.eval_batch_mean = 0.1, eval_batch_mean
 
@@ -197,25 +213,32 @@ class ARM(nn.Module):
         z = y.mean(1) + self.affinity_weight * g  # (B, o, o): sharing affinity
         return self.fc(z.flatten(1))  # (B, C)
 
-def gap_classifier(num_classes: int) -> nn.Sequential:
+class GAPClassifier(nn.Module):
     """--no-arm, the ablation without ARM: global average pooling + Linear(512, C)."""
-    return nn.Sequential(OrderedDict(pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(),
-                                     fc=nn.Linear(512, num_classes)))
 
-def projection_head(dim: int = 128) -> nn.Sequential:
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, f):  # (B, 512, s, s) -> (B, C)
+        return self.fc(f.mean((2, 3)))  # a mean: its CUDA backward is deterministic
+
+def projection_head(dim: int = 128, batch_norm: bool = True) -> nn.Sequential:
     """The paper's "three-layer nonlinear MLP", r (B, 512) -> z (B, dim).
-    NOTE: not in the paper - widths 512-512-dim and BatchNorm (MoCo v2 / SupContrast)."""
-    return nn.Sequential(
-        nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
-        nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
-        nn.Linear(512, dim))
+    NOTE: not in the paper - widths 512-512-dim; BatchNorm after the two hidden layers, as in
+    SimCLR v2's three-layer head and MoCo v3's three-layer projector (MoCo v2 and SupContrast:
+    Linear-ReLU-Linear, no BN; batch_norm=False is that MLP grown to three layers)."""
+    def hidden():
+        return [nn.Linear(512, 512), *([nn.BatchNorm1d(512)] if batch_norm else []),
+                nn.ReLU(inplace=True)]
+    return nn.Sequential(*hidden(), *hidden(), nn.Linear(512, dim))
 
 class Encoder(nn.Module):
     """CNN + GAP + projection head: the query and key branches of Fig. 2."""
 
-    def __init__(self, trunk: nn.Module, dim: int = 128):
+    def __init__(self, trunk: nn.Module, dim: int = 128, head_bn: bool = True):
         super().__init__()
-        self.trunk, self.head = trunk, projection_head(dim)
+        self.trunk, self.head = trunk, projection_head(dim, head_bn)
 
     def forward(self, x):  # (B, 3, S, S) -> feature map f (B, 512, s, s), z (B, dim)
         f = self.trunk(x)
@@ -226,13 +249,14 @@ class Encoder(nn.Module):
 class FERSupCon(nn.Module):
     """Fig. 2: query encoder, top branch, momentum key encoder (a copy), labelled queue."""
 
-    def __init__(self, num_classes, img_size=224, pretrained="none", arm=True,
-                 arm_eval_batch=False, queue_size=8192, dim=128):
+    def __init__(self, num_classes, img_size=224, pretrained="none", arm=True, queue_size=8192,
+                 dim=128, head_bn=True):
         super().__init__()
-        self.encoder_q = Encoder(build_trunk(pretrained), dim)
-        self.classifier = (ARM(num_classes, img_size, arm_eval_batch) if arm
-                           else gap_classifier(num_classes))
-        self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
+        self.encoder_q = Encoder(build_trunk(pretrained), dim, head_bn)
+        self.classifier = ARM(num_classes, img_size) if arm else GAPClassifier(num_classes)
+        # MoCo's builder: a second encoder, set to the query encoder's weights, no gradients
+        self.encoder_k = Encoder(build_trunk(), dim, head_bn).requires_grad_(False)
+        self.encoder_k.load_state_dict(self.encoder_q.state_dict())
         self.queue = LabeledQueue(queue_size, dim)
 
     def forward(self, x):  # inference: (B, 3, S, S) -> logits (B, C)
@@ -242,21 +266,19 @@ class FERSupCon(nn.Module):
 
 @torch.no_grad()
 def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
-    """MoCo's key encoder: w_k <- m w_k + (1 - m) w_q for every parameter; m = 0 copies,
-    m = 1 freezes. The two modules must have the same parameters and buffers (names, shapes)."""
+    """MoCo's key encoder: w_k <- m w_k + (1 - m) w_q for every parameter (MoCo updates
+    parameters only: the key encoder runs in train mode and never reads its BatchNorm buffers);
+    m = 0 copies, m = 1 freezes. The two modules must have the same parameters (names, shapes)."""
     if not 0 <= m <= 1:
         raise ValueError(f"momentum_update needs m in [0, 1], got {m}")
     params_q, params_k = dict(online.named_parameters()), dict(target.named_parameters())
-    buffers_q, buffers_k = dict(online.named_buffers()), dict(target.named_buffers())
-    for what, q, k in (("parameters", params_q, params_k), ("buffers", buffers_q, buffers_k)):
-        if q.keys() != k.keys() or any(q[name].shape != k[name].shape for name in q):
-            raise ValueError(f"momentum_update needs two modules with the same {what} "
-                             "(names and shapes)")
-    for name, w_q in params_q.items():
-        params_k[name].lerp_(w_q, 1 - m)  # w_k + (1 - m)(w_q - w_k)
-    # NOTE: not in the paper - buffers are copied (MoCo); the key encoder never reads them
-    for name, b_q in buffers_q.items():
-        buffers_k[name].copy_(b_q)
+    if params_q.keys() != params_k.keys() or any(params_q[n].shape != params_k[n].shape
+                                                  for n in params_q):
+        raise ValueError("momentum_update needs two modules with the same parameters "
+                         "(names and shapes)")
+    names = list(params_q)
+    # one multi-tensor kernel on CUDA: w_k + (1 - m)(w_q - w_k) for every pair at once
+    torch._foreach_lerp_([params_k[n] for n in names], [params_q[n] for n in names], 1 - m)
 
 def key_momentum(batch_size: int, queue_size: int) -> float:
     """m when --momentum is not given. NOTE: not in the paper - m = 1 - B / K, so that the key
@@ -298,17 +320,19 @@ def queue_slots(queue_size: int, batch_size: int, n_train: int) -> int:
     multiple of the batch size not above n_train: a longer queue would hold stale repeats."""
     return min(queue_size, n_train // batch_size * batch_size)
 
-def supcon_loss(q, q_labels, keys, key_labels, tau=0.1):
+def supcon_loss(q, q_labels, keys, key_labels, tau=0.1, reduction="mean"):
     """Eq. (2). q: queries (N, D), keys: the queue (K, D), both L2-normalised; key labels < 0
     are empty slots. For anchor i, positive p (same label) and negatives A(i) (other labels),
     with s = q . k / tau:
         l_ip = -log( exp(s_ip) / (exp(s_ip) + sum_{a in A(i)} exp(s_ia)) )
     Other positives are not in the denominator. The mean over P(i), then over the anchors that
-    have a positive; 0 (still in the graph) when none has one."""
+    have a positive ("mean") or their sum ("sum", Eq. 2 as written); 0 (still in the graph)
+    when none has one."""
     bad_shapes = q.shape[1] != keys.shape[1] or len(keys) != len(key_labels)
-    if tau <= 0 or bad_shapes or len(q) != len(q_labels):
+    if tau <= 0 or bad_shapes or len(q) != len(q_labels) or reduction not in ("mean", "sum"):
         raise ValueError(f"supcon_loss needs tau > 0, q (N, D) with N labels, keys (K, D) with K "
-                         f"labels; got {tau}, {tuple(q.shape)}, {tuple(keys.shape)}")
+                         f"labels, reduction 'mean' or 'sum'; got {tau}, {tuple(q.shape)}, "
+                         f"{tuple(keys.shape)}, {reduction!r}")
     # NOTE: not in the paper - Eq. (2) writes z_i^k . z_p^q with P, A "in Q": we read anchors
     # as the batch's z_q, positives and negatives as the queue's z_k (where Sec. II-A puts them)
     sim = q @ keys.T / tau  # (N, K)
@@ -319,9 +343,13 @@ def supcon_loss(q, q_labels, keys, key_labels, tau=0.1):
     l_ip = torch.logaddexp(sim, neg_lse) - sim  # (N, K); 0 when A(i) is empty
     n_pos = pos.sum(1)  # (N,): |P(i)|
     per_anchor = torch.where(pos, l_ip, 0.0).sum(1) / n_pos.clamp(min=1)  # (N,)
-    # NOTE: not in the paper - a mean over anchors: Eq. (2)'s sum would scale with the batch
     has_pos = n_pos > 0
-    return torch.where(has_pos, per_anchor, 0.0).sum() / has_pos.sum().clamp(min=1)
+    total = torch.where(has_pos, per_anchor, 0.0).sum()  # Eq. (2): sum_{i=1}^{N}
+    if reduction == "sum":
+        return total
+    # NOTE: a reading of Eq. (2) - SupContrast's convention: its paper writes the same sum over
+    # anchors and its code takes the mean (the sum weighs L_sup N times against Eq. 1's mean)
+    return total / has_pos.sum().clamp(min=1)
 
 # ---- II-B  Contrastive uncertainty estimation module (CUEM), Fig. 3 ---------------------------
 
@@ -359,9 +387,12 @@ def loss_weight(epoch: int, alpha: float = 30, beta: float = 1e-4) -> float:
 
 def epoch_plan(epoch: int, cfg: Config) -> tuple[float, bool]:
     """This epoch's lambda (Eq. 4; 0 with --no-scl, Table II) and whether CUEM runs.
-    NOTE: not in the paper - CUEM starts at epoch --cuem-start (10: SCN's relabel start)."""
-    lam = 0.0 if cfg.no_scl else loss_weight(epoch, cfg.alpha, cfg.beta)
-    return lam, not cfg.no_cuem and epoch >= cfg.cuem_start
+    NOTE: not in the paper - CUEM starts at epoch --cuem-start (10: SCN's relabel start).
+    NOTE: not in the paper - with --no-scl (Table II's "baseline + CUEM") no loss reaches the
+    projection head: it keeps its random initial weights, so CUEM compares random projections
+    of the trained trunk's features (the paper does not say what its row did)."""
+    lam = loss_weight(epoch, cfg.alpha, cfg.beta) if cfg.scl else 0.0
+    return lam, cfg.cuem and epoch >= cfg.cuem_start
 
 class StepOut(NamedTuple):  # device tensors
     loss: torch.Tensor  # L_total, Eq. (3)
@@ -372,7 +403,8 @@ class StepOut(NamedTuple):  # device tensors
     cuem_ran: torch.Tensor  # bool scalar: CUEM ran in this step (it waits for a full queue)
 
 def train_step(model, opt, x_q, x_k, y, *, lam, m, tau, theta, use_cuem, amp,
-               cuem_two_views=False, skip_relabelled_anchors=False) -> StepOut:
+               supcon_reduction="mean", cuem_two_views=False,
+               skip_relabelled_anchors=False) -> StepOut:
     """One step of Sec. II, L_total = L_FER + lambda L_sup (Eq. 3), on views x_q, x_k (B, 3, S,
     S) (x_k None: the baseline, no key branch) and annotation y (B,); no host sync."""
     # NOTE: not in the paper - the classifier sees the query view (one trunk pass feeds both)
@@ -403,7 +435,8 @@ def train_step(model, opt, x_q, x_k, y, *, lam, m, tau, theta, use_cuem, amp,
             anchors = y
             if skip_relabelled_anchors:  # NOTE: departs from Eq. (2), which sums over every i
                 anchors = torch.where(y_fer == y, y, -1)  # -1: no anchor in this step
-            supcon = supcon_loss(z_q, anchors, queue.feats, queue.labels, tau)  # Eq. (2)
+            supcon = supcon_loss(z_q, anchors, queue.feats, queue.labels, tau,
+                                 supcon_reduction)  # Eq. (2)
     ce = F.cross_entropy(logits.float(), y_fer)  # Eq. (1): L_FER, on CUEM's labels
     loss = ce + lam * supcon  # Eq. (3)
     opt.zero_grad(set_to_none=True)
@@ -415,32 +448,77 @@ def train_step(model, opt, x_q, x_k, y, *, lam, m, tau, theta, use_cuem, amp,
 
 # ==== Data on the device: a decoded cache or loader workers; augmentation in batches ===========
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+@functools.cache
+def imagenet_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's mean and std on the 0..255 scale, (1, 3, 1, 1), made once per device: a
+    tensor built from a list is a host-to-device copy, which on CUDA stalls the host until
+    the GPU has finished all earlier work."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    return mean, std
 
 def imagenet_normalize(x: torch.Tensor) -> torch.Tensor:
     """float (B, 3, H, W) on the 0..255 scale -> ImageNet-normalised."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
+    mean, std = imagenet_constants(x.device)
     return (x - mean) / std
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """float (B, 3, h, w) -> (B, 3, size, size), bilinear (antialiased when shrinking)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=True)
 
 def eval_transform(x: torch.Tensor, size: int) -> torch.Tensor:
     """The test transform (also --predict's, --export's): uint8 -> resized, normalised float."""
-    x = x.float()
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=True)
-    return imagenet_normalize(x)
+    return imagenet_normalize(resize(x.float(), size))
 
-def augment(x: torch.Tensor, size: int, gen: torch.Generator, flip_p=0.5, rotate=10.0,
-            scale=(0.9, 1.1), translate=0.05, noise_p=0.25, noise_std=5.5, erase_p=0.5,
-            erase_area=(0.02, 0.25)) -> torch.Tensor:
-    """A view of a uint8 batch (B, 3, h, w) -> normalised float (B, 3, size, size), draws per
-    sample from `gen`: one grid_sample resizes, flips, rotates, scales, shifts; then noise and
-    erasing. NOTE: not in the paper - the light SCN / ARM recipe."""
+def arm_augment(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """A training view of a uint8 batch (B, 3, h, w) -> normalised float (B, 3, size, size),
+    drawn per sample from `gen`, in ARM's order (dataset.py, image_utils.py, train_raf-db.py):
+    with p 0.5 one of {horizontal flip, Gaussian noise of variance 30 clipped to 0..255 and
+    truncated to integers} at equal odds, on the image at its decoded size; resize to `size`;
+    ImageNet normalisation; RandomErasing(p 0.5, area 0.02-0.1, aspect 0.3-3.3, value 0).
+    NOTE: not in the paper - ARM's recipe, the code the paper's settings come from."""
     B, dev = x.shape[0], x.device
     def uniform():  # one U(0, 1) draw per sample, (B,)
         return torch.rand(B, generator=gen, device=dev)
-    flip = torch.where(uniform() < flip_p, -1.0, 1.0)
+    pick = uniform()  # ARM: uniform > 0.5, then randint(0, 1): flip, noise 0.25 each
+    flip, noisy = (pick < 0.25).view(B, 1, 1, 1), ((pick >= 0.25) & (pick < 0.5)).view(B, 1, 1, 1)
+    x = x.float()
+    x = torch.where(flip, x.flip(-1), x)
+    noise = math.sqrt(30) * torch.randn(x.shape, generator=gen, device=dev)
+    x = torch.where(noisy, (x + noise).clamp(0, 255).floor(), x)  # astype(uint8) truncates
+    x = imagenet_normalize(resize(x, size))
+    return random_erase(x, gen, uniform)
+
+def random_erase(x: torch.Tensor, gen: torch.Generator, uniform, p=0.5, area=(0.02, 0.1),
+                 aspect=(0.3, 3.3)) -> torch.Tensor:
+    """torchvision's RandomErasing (value 0) per sample of x (B, 3, S, S): with probability p, a
+    rectangle of round(sqrt(a r)) x round(sqrt(a / r)) pixels, a = S^2 U(area), log r uniform
+    in log(aspect), at a uniformly drawn integer position. With area <= 0.1 and aspect <= 3.3
+    every draw fits (sqrt(0.33) < 1), so torchvision's ten retries never happen."""
+    S = x.shape[-1]
+    a = S * S * (area[0] + (area[1] - area[0]) * uniform())
+    r = torch.exp(math.log(aspect[0]) + (math.log(aspect[1]) - math.log(aspect[0])) * uniform())
+    height, width = (a * r).sqrt().round(), (a / r).sqrt().round()  # (B,), whole pixels
+    top = (uniform() * (S - height + 1)).floor()  # randint(0, S - h + 1)
+    left = (uniform() * (S - width + 1)).floor()
+    pos = torch.arange(S, device=x.device, dtype=x.dtype)
+    rows = (pos >= top[:, None]) & (pos < (top + height)[:, None])  # (B, S)
+    cols = (pos >= left[:, None]) & (pos < (left + width)[:, None])  # (B, S)
+    erase = rows[:, :, None] & cols[:, None, :] & (uniform() < p)[:, None, None]  # (B, S, S)
+    return x.masked_fill(erase[:, None], 0.0)  # (B, 3, S, S)
+
+def affine_augment(x: torch.Tensor, size: int, gen: torch.Generator, rotate=10.0,
+                   scale=(0.9, 1.1), translate=0.05) -> torch.Tensor:
+    """--augment affine (ours, not ARM's): a view of a uint8 batch -> normalised float (B, 3,
+    size, size): one grid_sample flips (p 0.5), rotates, scales and shifts while resizing;
+    Gaussian noise (std 5.5, p 0.25); then ARM's erasing at up to a quarter of the area."""
+    B, dev = x.shape[0], x.device
+    def uniform():  # one U(0, 1) draw per sample, (B,)
+        return torch.rand(B, generator=gen, device=dev)
+    flip = torch.where(uniform() < 0.5, -1.0, 1.0)
     angle = (2 * uniform() - 1) * math.radians(rotate)
     zoom = scale[0] + (scale[1] - scale[0]) * uniform()
     shift = torch.stack([(2 * uniform() - 1) * 2 * translate for _ in range(2)], 1)  # side: 2
@@ -451,20 +529,12 @@ def augment(x: torch.Tensor, size: int, gen: torch.Generator, flip_p=0.5, rotate
     theta_affine = torch.cat([M, -(M @ shift.unsqueeze(2))], 2)  # (B, 2, 3)
     grid = F.affine_grid(theta_affine, [B, 3, size, size], align_corners=False)
     y = F.grid_sample(x.float(), grid, mode="bilinear", align_corners=False)  # (B, 3, S, S)
-    noisy = (uniform() < noise_p).view(B, 1, 1, 1)
-    noise = noise_std * torch.randn(y.shape, generator=gen, device=dev)
+    noisy = (uniform() < 0.25).view(B, 1, 1, 1)
+    noise = 5.5 * torch.randn(y.shape, generator=gen, device=dev)
     y = imagenet_normalize(torch.where(noisy, y + noise, y).clamp(0, 255))
-    # random erasing (0 = the mean after normalisation), aspect ratio log-uniform in [0.3, 3.3]
-    area = erase_area[0] + (erase_area[1] - erase_area[0]) * uniform()
-    ratio = torch.exp(math.log(0.3) + (math.log(3.3) - math.log(0.3)) * uniform())
-    height = ((area * ratio).sqrt() * size).clamp(max=size)
-    width = ((area / ratio).sqrt() * size).clamp(max=size)
-    top, left = uniform() * (size - height), uniform() * (size - width)
-    pos = torch.arange(size, device=dev, dtype=torch.float32)
-    rows = (pos >= top[:, None]) & (pos < (top + height)[:, None])  # (B, S)
-    cols = (pos >= left[:, None]) & (pos < (left + width)[:, None])  # (B, S)
-    erase = rows[:, :, None] & cols[:, None, :] & (uniform() < erase_p)[:, None, None]
-    return y.masked_fill(erase[:, None], 0.0)  # (B, 3, S, S)
+    return random_erase(y, gen, uniform, area=(0.02, 0.25))
+
+AUGMENTATIONS = {"arm": arm_augment, "affine": affine_augment}
 
 def step_generator(seed: int, epoch: int, step: int, device) -> torch.Generator:
     """Augmentation draws from (seed, epoch, step): a resumed run sees the same views."""
@@ -494,13 +564,43 @@ def decode_all(ds, workers: int) -> torch.Tensor:
         images[idx] = x
     return images
 
-class Images:
-    """A split's uint8 batches on the device: from a decoded cache there, or from workers."""
+def host_memory_available() -> int:
+    """Bytes the host can still give (Linux's MemAvailable); 0 where unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            fields = dict(line.split(":", 1) for line in handle)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0
 
-    def __init__(self, ds, device, cache: bool, workers: int, x=None):
-        self.device, self.x = device, x  # x: an already decoded (N, 3, s, s) uint8 tensor
-        if x is None and cache:
-            self.x = decode_all(ds, workers).to(device)  # (N, 3, s, s)
+def cache_placement(choice: str, device: torch.device, nbytes: int) -> str:
+    """Where a run's decoded images live: 'device' (its free memory, less GPU_HEADROOM on CUDA),
+    'host' (CUDA runs: host memory, batches copied through pinned memory), or 'workers'
+    (decoded again every epoch). --cache off: always the workers; on: an error if no cache
+    fits. NOTE: not in the paper - one decode, then no loader in the step."""
+    host = 0.75 * host_memory_available()  # leave the system a quarter
+    if choice != "off" and device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if nbytes <= free - GPU_HEADROOM:
+            return "device"
+    if choice != "off" and nbytes <= host:
+        return "device" if device.type == "cpu" else "host"
+    if choice == "on":
+        raise UserError(f"--cache on: the decoded images need {nbytes / 2 ** 30:.1f} GiB, more "
+                        f"than the device and 3/4 of the host's {host / 0.75 / 2 ** 30:.1f} GiB "
+                        "free give (use --cache auto or off)")
+    return "workers"
+
+class Images:
+    """A split's uint8 batches on the device, from a decoded cache (in the device's memory, or
+    the host's with batches copied through pinned memory on CUDA) or from loader workers."""
+
+    def __init__(self, ds, device, placement: str, workers: int, x=None):
+        self.device, self.placement, self.x = device, placement, x  # x: (N, 3, s, s) uint8
+        self.wait_seconds = 0.0  # time spent waiting for the workers' next batch
+        if x is None and placement != "workers":
+            self.x = decode_all(ds, workers)  # (N, 3, s, s), host
+            self.x = self.x.to(device) if placement == "device" else self.x
         elif x is None:
             self.order = []  # the coming pass's batches: set before it, read by the workers
             self.loader = torch.utils.data.DataLoader(
@@ -508,17 +608,60 @@ class Images:
                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                 prefetch_factor=4 if workers > 0 else None)
 
-    def batches(self, order: torch.Tensor, batch_size: int, drop_last: bool):
-        """Yield (uint8 images (b, 3, s, s), indices (b,)) on the device, in `order`."""
-        n = len(order) // batch_size * batch_size if drop_last else len(order)
-        if self.x is not None:
-            order = order[:n].to(self.device)
-            for i in range(0, n, batch_size):
+    def batches(self, order: torch.Tensor, batch_size: int):
+        """Yield (uint8 images (b, 3, s, s), indices (b,)) on the device: `order` in batches of
+        batch_size, the last one partial; no step waits for the host."""
+        if self.placement == "device":
+            order = order.to(self.device)
+            for i in range(0, len(order), batch_size):
                 yield self.x[order[i:i + batch_size]], order[i:i + batch_size]
+        elif self.placement == "host":  # pinned: the copies run while the GPU computes
+            order = order.pin_memory()
+            for i in range(0, len(order), batch_size):
+                idx = order[i:i + batch_size]
+                x = torch.empty((len(idx), *self.x.shape[1:]), dtype=torch.uint8,
+                                pin_memory=True)
+                torch.index_select(self.x, 0, idx, out=x)
+                yield (x.to(self.device, non_blocking=True),
+                       idx.to(self.device, non_blocking=True))
         else:
-            self.order[:] = [b.tolist() for b in order[:n].split(batch_size)]
-            for x, _, idx in self.loader:
+            self.order[:] = [b.tolist() for b in order.split(batch_size)]
+            loader = iter(self.loader)
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    x, _, idx = next(loader)
+                except StopIteration:
+                    return
+                self.wait_seconds += time.perf_counter() - t0
                 yield x.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)
+
+def worker_rate(ds, workers: int, n: int = 64) -> float:
+    """Images per second that `workers` processes decode, from n decoded here (an estimate)."""
+    t0 = time.time()
+    for i in range(min(n, len(ds))):
+        ds.image(i)
+    return max(workers, 1) * min(n, len(ds)) / max(time.time() - t0, 1e-9)
+
+def placement_note(placement: str, choice: str, device, n: int, nbytes: int, side: int,
+                   seconds: float, ds, workers: int) -> str:
+    """The banner's line on where a run's n images live and at what rate they come."""
+    size = f"{n:,} images, {nbytes / 2 ** 30:.2f} GiB at {side} px"
+    rate = f"decoded in {seconds:.1f} s, {n / max(seconds, 1e-9):,.0f} images/s"
+    if placement == "device":
+        return f"images decoded once into {device.type} memory ({size}; {rate})"
+    if placement == "host":
+        return (f"images decoded once into host memory ({size}; {rate}); batches go to the GPU "
+                "through pinned memory")
+    why = "--cache off" if choice == "off" else "no cache fits"
+    return (f"images decoded every epoch by {workers} workers ({size}; {why}): about "
+            f"{worker_rate(ds, workers):,.0f} images/s (64 decoded here, x {max(workers, 1)})")
+
+def trained_images(n: int, batch_size: int) -> int:
+    """How many of an epoch's n images are trained on: all of them, the last partial batch too
+    (ARM's loader keeps it), except a single leftover image, which train-mode BatchNorm cannot
+    normalise on its own."""
+    return n - 1 if n > 1 and n % batch_size == 1 else n
 
 # ==== III  Training and evaluation ============================================================
 
@@ -526,27 +669,28 @@ def train(cfg: Config, ckpt=None) -> dict:
     """Sec. III-B: Adam, lr x 0.9 per epoch, lambda by Eq. (4), a test after every epoch."""
     state = TrainState(cfg, ckpt)
     cfg, model = state.cfg, state.model
-    labels = state.train_ds.labels.to(state.device)
-    use_keys, epoch = not (cfg.no_scl and cfg.no_cuem), state.first_epoch  # baseline: no keys
+    use_keys, epoch = cfg.scl or cfg.cuem, state.first_epoch  # baseline: no keys
     try:
         for epoch in range(state.first_epoch, cfg.epochs + 1):
             lam, use_cuem = epoch_plan(epoch, cfg)
             order = epoch_order(state.train_ds.labels, cfg.sampler, cfg.seed, epoch)
+            order = order[:trained_images(len(order), cfg.batch_size)]
             tally = EpochTally(state, epoch, lam, order)
             model.train()
-            # NOTE: not in the paper - the last partial batch is dropped (drop_last)
-            batches = state.train_images.batches(order, cfg.batch_size, drop_last=True)
-            for step, (x, idx) in enumerate(batches):
+            for step, (x, idx) in enumerate(state.train_images.batches(order, cfg.batch_size)):
                 x_q, x_k = two_views(x, cfg, epoch, step, use_keys)
-                result = train_step(model, state.opt, x_q, x_k, labels[idx], lam=lam,
-                                 m=cfg.momentum, tau=cfg.tau, theta=cfg.theta,
-                                 use_cuem=use_cuem, amp=autocast(state.device),
-                                 cuem_two_views=cfg.cuem_two_views,
-                                 skip_relabelled_anchors=cfg.skip_relabelled_anchors)
+                result = train_step(model, state.opt, x_q, x_k, state.labels[idx], lam=lam,
+                                    m=cfg.momentum, tau=cfg.tau, theta=cfg.theta,
+                                    use_cuem=use_cuem, amp=autocast(state.device),
+                                    supcon_reduction=cfg.supcon_reduction,
+                                    cuem_two_views=cfg.cuem_two_views,
+                                    skip_relabelled_anchors=cfg.skip_relabelled_anchors)
                 tally.add(step, idx, result)  # sums on the device; a progress line when due
             state.sched.step()  # the learning rate x 0.9 after every epoch (Sec. III-B)
-            test_epoch(state, tally)  # the test evaluation, the metrics row, the epoch's line
+            row = evaluate_epoch(state, tally)  # the test evaluation and the metrics row
             save_outputs(state)
+            print(epoch_line(row, tally), flush=True)
+            loader_note(state, row, tally)
     except (KeyboardInterrupt, FloatingPointError) as e:
         last = state.out / "last.pt"
         where = f"{last} (epoch {epoch - 1})" if last.exists() else "none written yet"
@@ -556,15 +700,34 @@ def train(cfg: Config, ckpt=None) -> dict:
         raise SystemExit(130)
     summary = summarize(state.history, state.train_ds.classes, cfg)
     took = time.strftime("%H:%M:%S", time.gmtime(time.time() - state.started))
-    print(f"final epoch {summary['final_epoch']}: test acc {100 * summary['final_acc']:.2f}% | "
-          f"best epoch {summary['best_epoch']}: {100 * summary['best_acc']:.2f}% | mean of the "
-          f"last {len(summary['last5_epochs'])} epochs: {100 * summary['last5_mean_acc']:.2f}% | "
-          f"{took} | {state.out}")
+    print(f"final epoch {summary['final_epoch']}: test acc {accuracy_text(summary, 'final_acc')} "
+          f"| best epoch {summary['best_epoch']}: {accuracy_text(summary, 'best_acc')} | mean of "
+          f"the last {len(summary['last5_epochs'])} epochs: "
+          f"{accuracy_text(summary, 'last5_mean_acc')} | {took} | {state.out}")
     return dict(summary, out=str(state.out), history=state.history)
 
+def loader_note(state: TrainState, row: dict, tally: "EpochTally") -> None:
+    """Once per run: the workers kept the step waiting for more than a tenth of an epoch."""
+    wait, busy = row["data_wait_seconds"], row["train_seconds"]
+    if state.loader_noted or wait <= 0.1 * busy:
+        return
+    state.loader_noted = True
+    print(f"note: the workers cannot keep up with the step: it waited {wait:.1f} s of the "
+          f"epoch's {busy:.1f} s; they deliver {tally.seen / busy:,.0f} images/s, the step alone "
+          f"takes {tally.seen / max(busy - wait, 1e-9):,.0f}; more --workers, or a cache if "
+          "memory allows (--cache on), feeds it faster", flush=True)
+
+def accuracy_text(figures: dict, key: str) -> str:
+    """'92.05%', with ARM '92.05% (batch-independent 91.95%)': the official protocol first."""
+    text = f"{100 * figures[key]:.2f}%"
+    other = figures.get(key + "_batch_independent")
+    return text if other is None else f"{text} (batch-independent {100 * other:.2f}%)"
+
 def two_views(x, cfg: Config, epoch: int, step: int, keys: bool):
-    """The query view and, when the key branch runs, the key view of a uint8 batch."""
+    """The query view and, when the key branch runs, the key view of a uint8 batch: two
+    independent draws of the augmentation."""
     gen = step_generator(cfg.seed, epoch, step, x.device)
+    augment = AUGMENTATIONS[cfg.augment]
     views = [augment(x, cfg.img_size, gen).contiguous(memory_format=torch.channels_last)
              for _ in range(2 if keys else 1)]
     return views[0], views[-1] if keys else None
@@ -574,6 +737,8 @@ class TrainState:
 
     def __init__(self, cfg: Config, ckpt=None):
         self.device = device = pick_device(cfg.device)
+        if cfg.deterministic:
+            make_deterministic()
         torch.manual_seed(cfg.seed)
         size = decode_size(cfg)  # the side the images are decoded at
         self.train_ds = ds = load_dataset(cfg.data, cfg.root, "train", size, **dataset_options(cfg))
@@ -582,6 +747,7 @@ class TrainState:
             ds.labels = inject_label_noise(ds.true_labels, cfg.label_noise, len(ds.classes),
                                            cfg.seed)
         self.noise = (ds.labels != ds.true_labels).double().mean().item()  # 0: unknown
+        self.labels, self.true_labels = ds.labels.to(device), ds.true_labels.to(device)
         cfg, notes = method_sizes(cfg, len(ds)) if ckpt is None else (cfg, [])
         self.cfg = cfg
         self.model = build_model(cfg, len(ds.classes), "none" if ckpt else cfg.pretrained, device)
@@ -601,16 +767,25 @@ class TrainState:
                 getattr(self.relabels, name).copy_(saved)
             self.history, self.first_epoch = ckpt["history"], ckpt["epoch"] + 1
             notes.append(f"resumed from {cfg.resume} after epoch {ckpt['epoch']}")
+        if trained_images(len(ds), cfg.batch_size) < len(ds):
+            notes.append(f"{len(ds)} training images = {len(ds) // cfg.batch_size} batches of "
+                         f"{cfg.batch_size} + 1: each epoch leaves its last image out (a batch "
+                         "of one cannot train BatchNorm)")
         self.out.mkdir(parents=True, exist_ok=True)
         if cfg.label_noise > 0:
             write_noisy_labels(ds, self.out / "noisy_labels.txt")
-        gib = (len(ds) + len(self.test_ds)) * 3 * size ** 2 / 2 ** 30
-        cache = cfg.cache == "on" or (cfg.cache == "auto" and gib <= 8)
-        notes.append(f"decoded-image cache {'on' if cache else 'off'} ({gib:.2f} GiB at {size} "
-                     f"px); evaluation: {statistics_text(cfg)}; output {self.out}")
+        n = len(ds) + len(self.test_ds)
+        placement = cache_placement(cfg.cache, device, n * 3 * size ** 2)
+        notes.append(f"evaluation: {statistics_text(cfg)}; output {self.out}")
         banner(cfg, device, ds, self.test_ds, notes)
-        self.train_images = Images(ds, device, cache, cfg.workers)
-        self.test_images = Images(self.test_ds, device, cache, cfg.workers)
+        t0 = time.time()
+        self.train_images = Images(ds, device, placement, cfg.workers)
+        self.test_images = Images(self.test_ds, device, placement, cfg.workers)
+        print("note: " + placement_note(placement, cfg.cache, device, n, n * 3 * size ** 2,
+                                        size, time.time() - t0, ds, cfg.workers))
+        self.loader_noted = False  # the note that the workers cannot keep up, once
+        self.figures_due = 1  # the epoch whose outputs include the figures (save_outputs)
+        imagenet_constants(self.labels.device)  # before the first step: a copy to the device
         self.started = time.time()  # for the speed and the time left
 
 def method_sizes(cfg: Config, n_train: int) -> tuple[Config, list[str]]:
@@ -628,49 +803,61 @@ def method_sizes(cfg: Config, n_train: int) -> tuple[Config, list[str]]:
     return dataclasses.replace(cfg, batch_size=B, queue_size=K, momentum=m), notes
 
 class EpochTally:
-    """An epoch's sums on the device (no host sync in the step), read once per progress line:
-    losses, CUEM's relabels (per new class too), restored labels; feeds the RelabelLog."""
-    SUMS = ("loss", "ce", "supcon", "relabelled", "relabelled_right", "noisy", "restored", "bad")
+    """An epoch's sums, kept on the device so that the step never waits for the host, and read
+    once per progress line: the losses, CUEM's relabels (all, right, per new class), the noisy
+    labels seen and restored, the first non-finite step. It also feeds the RelabelLog."""
+    SUMS = ("loss", "ce", "supcon", "relabelled", "relabelled_right", "noisy", "restored")
 
     def __init__(self, state: TrainState, epoch: int, lam: float, order: torch.Tensor):
-        self.state, self.epoch = state, epoch
-        self.lam, self.lr = lam, state.opt.param_groups[0]["lr"]
-        self.steps = len(order) // state.cfg.batch_size
-        labels, C = state.train_ds.labels, len(state.train_ds.classes)
-        self.epoch_labels = labels[order[:self.steps * state.cfg.batch_size]]  # host, in order
-        self.labels = labels.to(state.device)
-        self.true_labels = state.train_ds.true_labels.to(state.device)
-        # SUMS ("bad": the first non-finite step, 0: none), then the relabels to each class
-        self.sums = torch.zeros(8 + C, dtype=torch.float64, device=state.device)
+        self.state, self.epoch, self.lam = state, epoch, lam
+        self.lr = state.opt.param_groups[0]["lr"]
+        self.steps = math.ceil(len(order) / state.cfg.batch_size)
+        self.epoch_labels = state.train_ds.labels[order]  # host, in training order
+        device, C = state.device, len(state.train_ds.classes)
+        self.sums = {name: torch.zeros((), dtype=torch.float64, device=device)
+                     for name in self.SUMS}
+        self.relabelled_to = torch.zeros(C, dtype=torch.float64, device=device)  # (C,)
+        self.first_bad_step = torch.zeros((), dtype=torch.int64, device=device)  # 0: none
+        self.seen = 0  # images trained on so far (from the batches' shapes: no sync)
         self.started = self.last_line = time.time()
+        self.wait_at_start = state.train_images.wait_seconds
 
     def add(self, step: int, idx, result: StepOut) -> None:
-        y, y_true = self.labels[idx], self.true_labels[idx]
-        moved, right = result.y_fer != y, result.y_fer == y_true
-        noisy = y != y_true
-        bad = torch.where((self.sums[7] == 0) & ~result.loss.isfinite(), step + 1, 0)
-        step_sums = (result.loss, result.ce, result.supcon, moved.sum(), (moved & right).sum(),
-                     noisy.sum(), (noisy & right).sum(), bad)
-        self.sums[:8] += torch.stack([v.double() for v in step_sums])
-        self.sums[8:].index_add_(0, result.y_fer, moved.double())
+        y, y_true = self.state.labels[idx], self.state.true_labels[idx]
+        moved, right, noisy = result.y_fer != y, result.y_fer == y_true, y != y_true
+        step_sums = dict(loss=result.loss, ce=result.ce, supcon=result.supcon,
+                         relabelled=moved.sum(), relabelled_right=(moved & right).sum(),
+                         noisy=noisy.sum(), restored=(noisy & right).sum())
+        for name, value in step_sums.items():
+            self.sums[name] += value
+        self.relabelled_to.index_add_(0, result.y_fer, moved.double())
+        bad = (self.first_bad_step == 0) & ~result.loss.isfinite()
+        self.first_bad_step.copy_(torch.where(bad, step + 1, self.first_bad_step))
         self.state.relabels.add(idx, y, result)
+        self.seen += len(idx)
         if time.time() - self.last_line > self.state.cfg.log_every or step + 1 == self.steps:
-            values = self.sums.tolist()  # the one host sync
-            self.figures = dict(zip(self.SUMS, values), steps=step + 1,
-                                seen=(step + 1) * self.state.cfg.batch_size,
-                                relabelled_to=[int(v) for v in values[8:]])
-            self.seconds, self.last_line = time.time() - self.started, time.time()
-            if values[7]:
-                raise FloatingPointError(f"non-finite loss in epoch {self.epoch}, step "
-                                         f"{int(values[7])}")
+            self.read(step + 1)
             print(self.progress_line(), flush=True)
+
+    def read(self, steps: int) -> None:
+        """The one host sync: the sums so far, as numbers in self.figures."""
+        values = torch.cat([torch.stack(list(self.sums.values())), self.relabelled_to,
+                            self.first_bad_step[None].double()]).tolist()
+        n = len(self.SUMS)
+        self.figures = dict(zip(self.SUMS, values[:n]), steps=steps, seen=self.seen,
+                            relabelled_to=[int(v) for v in values[n:-1]])
+        self.seconds, self.last_line = time.time() - self.started, time.time()
+        self.data_wait = self.state.train_images.wait_seconds - self.wait_at_start
+        if values[-1]:
+            raise FloatingPointError(f"non-finite loss in epoch {self.epoch}, step "
+                                     f"{int(values[-1])}")
 
     def progress_line(self) -> str:
         cfg, sums = self.state.cfg, self.figures
-        step = sums["steps"]
-        done = (self.epoch - self.state.first_epoch) * self.steps + step
-        rate = done * cfg.batch_size / (time.time() - self.state.started)
-        left = ((cfg.epochs - self.epoch + 1) * self.steps - step) * cfg.batch_size / rate
+        step, per_epoch = sums["steps"], len(self.epoch_labels)
+        done = (self.epoch - self.state.first_epoch) * per_epoch + self.seen  # images
+        rate = done / (time.time() - self.state.started)
+        left = ((cfg.epochs - self.state.first_epoch + 1) * per_epoch - done) / rate
         return (f"epoch {self.epoch}/{cfg.epochs} step {step}/{self.steps} | loss "
                 f"{sums['loss'] / step:.4f} ce {sums['ce'] / step:.4f} sup "
                 f"{sums['supcon'] / step:.4f} lam {self.lam:.4f} | {self.relabel_text()} | "
@@ -693,8 +880,8 @@ class EpochTally:
         return relabel_alarm(self.figures["relabelled_to"], labelled.tolist(),
                              self.state.train_ds.classes)
 
-def test_epoch(state: TrainState, tally: EpochTally) -> dict:
-    """After the steps: the test evaluation, the epoch's metrics row and its line."""
+def evaluate_epoch(state: TrainState, tally: EpochTally) -> dict:
+    """After an epoch's steps: the test evaluation (both of ARM's protocols), the metrics row."""
     cfg, sums = state.cfg, tally.figures
     t0 = time.time()
     if cfg.precise_bn:  # NOTE: departs from the field's protocol (README)
@@ -702,23 +889,29 @@ def test_epoch(state: TrainState, tally: EpochTally) -> dict:
         refresh_norm_stats(state.model, state.train_images, order, cfg.img_size,
                            min(cfg.batch_size, len(order)), autocast(state.device))
     conf = evaluate(state.model, state.test_images, state.test_ds.labels, cfg.img_size,
-                    cfg.batch_size, len(state.test_ds.classes))
-    n, seen = sums["relabelled"], sums["seen"]
-    row = dict(epoch=tally.epoch, lr=tally.lr, lam=tally.lam, relabelled=int(n),
+                    cfg.test_batch_size, len(state.test_ds.classes))
+    n, seen, steps = sums["relabelled"], sums["seen"], sums["steps"]
+    row = dict(epoch=tally.epoch, lr=tally.lr, lam=tally.lam, loss=sums["loss"] / steps,
+               ce=sums["ce"] / steps, supcon=sums["supcon"] / steps, relabelled=int(n),
                relabel_share=n / seen, relabelled_to=sums["relabelled_to"],
-               relabel_alarm=bool(tally.alarm()), loss=sums["loss"] / sums["steps"],
-               ce=sums["ce"] / sums["steps"], supcon=sums["supcon"] / sums["steps"],
-               **scores(conf), seconds=tally.seconds, samples_per_s=seen / tally.seconds,
-               eval_seconds=time.time() - t0, confusion=conf.tolist())
+               relabel_alarm=bool(tally.alarm()), **scores(conf["official"]))
+    if isinstance(state.model.classifier, ARM):  # ARM's running g: what --predict computes
+        row["test_acc_batch_independent"] = scores(conf["batch_independent"])["test_acc"]
     if state.noise > 0:  # precision: None (null) when nothing was relabelled
         row["relabel_precision"] = sums["relabelled_right"] / n if n else None
         row["relabel_recall"] = sums["restored"] / max(sums["noisy"], 1)
+    row.update(samples_per_s=seen / tally.seconds, train_seconds=tally.seconds,
+               data_wait_seconds=tally.data_wait, test_seconds=time.time() - t0,
+               output_seconds=None, confusion=conf["official"].tolist())
     state.history.append(row)
-    print(f"== epoch {tally.epoch}: test acc {100 * row['test_acc']:.2f}% mean class acc "
-          f"{100 * row['mean_class_acc']:.2f}% | loss {row['loss']:.4f} ce {row['ce']:.4f} sup "
-          f"{row['supcon']:.4f} lam {row['lam']:.4f} | {tally.relabel_text()} | "
-          f"{tally.seconds:.1f}s, test {row['eval_seconds']:.1f}s", flush=True)
     return row
+
+def epoch_line(row: dict, tally: EpochTally) -> str:
+    return (f"== epoch {row['epoch']}: test acc {accuracy_text(row, 'test_acc')} mean class acc "
+            f"{100 * row['mean_class_acc']:.2f}% | loss {row['loss']:.4f} ce {row['ce']:.4f} sup "
+            f"{row['supcon']:.4f} lam {row['lam']:.4f} | {tally.relabel_text()} | train "
+            f"{row['train_seconds']:.1f}s (waiting for data {row['data_wait_seconds']:.1f}s), "
+            f"test {row['test_seconds']:.1f}s, outputs {row['output_seconds']:.1f}s")
 
 class RelabelLog:
     """Per training sample, on the device: how often CUEM saw it and relabelled it, to which
@@ -735,7 +928,10 @@ class RelabelLog:
         self.seen.index_add_(0, idx, result.cuem_ran.int().expand(len(idx)))
         self.relabelled.index_add_(0, idx, moved)
         self.to_class.index_put_((idx, result.y_fer), moved, accumulate=True)
-        self.last_u[idx] = torch.where(result.cuem_ran, result.u, self.last_u[idx])
+        # a sample drawn twice in one batch (the balanced sampler) keeps the larger u: a
+        # reduction whose result does not depend on the order of the writes, never a race
+        u = torch.where(result.cuem_ran, result.u, self.last_u[idx])
+        self.last_u.scatter_reduce_(0, idx, u, reduce="amax", include_self=False)
 
 def relabel_alarm(relabelled_to: list, labelled: list, classes) -> str:
     """NOTE: not in the paper - '' or CUEM's collapse (README): in one epoch, a class receives
@@ -755,15 +951,23 @@ def statistics_text(cfg: Config) -> str:
     """The evaluation protocol of a run or checkpoint, in words (banner, card, --eval)."""
     text = (f"BatchNorm statistics recomputed over <= {PRECISE_BN_IMAGES} training images"
             if cfg.precise_bn else "eval mode with PyTorch's running BatchNorm statistics")
-    if not cfg.no_arm:
-        text += (f", ARM's g from each test batch of {cfg.batch_size} (official scripts)"
-                 if cfg.arm_eval == "batch" else ", ARM's running g")
+    text += f", test batches of {cfg.test_batch_size} in file order"
+    if cfg.arm:
+        text += ("; ARM's g from each test batch (ARM's test script: the headline) and, beside "
+                 "it, ARM's running g (batch-independent: --predict, --export)")
     return text
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+
+def make_deterministic() -> None:
+    """--deterministic: deterministic CUDA kernels (an error names any op that has none),
+    cuBLAS's fixed workspace (set before cuBLAS starts), no cuDNN autotuning."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 def autocast(device):
     """NOTE: not in the paper - bf16 autocast on CUDA (no GradScaler); float32 on the CPU."""
@@ -772,12 +976,13 @@ def autocast(device):
     return torch.autocast("cpu", enabled=False)
 
 def build_model(cfg: Config, num_classes: int, pretrained: str, device) -> FERSupCon:
-    model = FERSupCon(num_classes, cfg.img_size, pretrained, arm=not cfg.no_arm,
-                      arm_eval_batch=cfg.arm_eval == "batch", queue_size=cfg.queue_size)
+    model = FERSupCon(num_classes, cfg.img_size, pretrained, arm=cfg.arm,
+                      queue_size=cfg.queue_size, head_bn=cfg.head_bn)
     model = model.to(device, memory_format=torch.channels_last)  # faster on CUDA and the CPU
-    if cfg.compile:
-        for part in (model.encoder_q, model.encoder_k, model.classifier):
-            part.compile()  # in place: the state-dict keys stay the same
+    if cfg.compile:  # the parts the step and the evaluation call (in place: same state dict)
+        for part in (model.encoder_q.trunk, model.encoder_q.head, model.encoder_k.trunk,
+                     model.encoder_k.head, model.classifier):
+            part.compile()
     return model
 
 def load_weights(model: nn.Module, state_dict: dict, what) -> None:
@@ -792,19 +997,29 @@ def load_weights(model: nn.Module, state_dict: dict, what) -> None:
     model.load_state_dict(state_dict)
 
 @torch.no_grad()
-def logits_of(model, x: torch.Tensor, img_size: int, batch_size: int, amp=None):
-    """Eval-mode logits (N, C) of uint8 images (N, 3, h, w) in batches; the mode is kept."""
-    was_training = model.training
+def logits_of(model, x: torch.Tensor, img_size: int, batch_size: int, amp=None) -> dict:
+    """Eval-mode logits (N, C) of uint8 images (N, 3, h, w), in batches of batch_size in the
+    given order, one trunk pass per batch, under both test protocols: 'official' (with ARM, g
+    from each batch, as ARM's test script) and 'batch_independent' (ARM's running g). Without
+    ARM the two are one tensor. The model's mode is kept."""
+    was_training, arm = model.training, isinstance(model.classifier, ARM)
+    batch_g = arm and model.classifier.eval_batch_mean
     model.eval()
-    chunks = []
+    protocols = {"official": [], "batch_independent": []} if arm else {"official": []}
     with amp or torch.autocast("cpu", enabled=False):
         for xb in x.split(batch_size):
             xb = eval_transform(xb, img_size).contiguous(memory_format=torch.channels_last)
-            chunks.append(model(xb).float())
+            f = model.encoder_q.trunk(xb)  # (b, 512, s, s)
+            for name, chunks in protocols.items():
+                if arm:
+                    model.classifier.eval_batch_mean = name == "official"
+                chunks.append(model.classifier(f).float())  # (b, C)
+    if arm:
+        model.classifier.eval_batch_mean = batch_g
     model.train(was_training)
-    return torch.cat(chunks)
-
-PRECISE_BN_IMAGES = 2048
+    logits = {name: torch.cat(chunks) for name, chunks in protocols.items()}
+    logits.setdefault("batch_independent", logits["official"])
+    return logits
 
 @torch.no_grad()
 def refresh_norm_stats(model: FERSupCon, images: Images, order: torch.Tensor, img_size: int,
@@ -815,25 +1030,33 @@ def refresh_norm_stats(model: FERSupCon, images: Images, order: torch.Tensor, im
               if isinstance(mod, (nn.modules.batchnorm._BatchNorm, ARM))]
     momenta, was_training = [layer.momentum for layer in layers], model.training
     model.train()  # each batch normalised by its own statistics, as in training
-    for i, (x, _) in enumerate(images.batches(order, batch_size, drop_last=True)):
+    order = order[:trained_images(len(order), batch_size)]
+    for i, (x, _) in enumerate(images.batches(order, batch_size)):
         for layer in layers:
             layer.momentum = 1 / (i + 1)
         with amp or torch.autocast("cpu", enabled=False):
             x = eval_transform(x, img_size).contiguous(memory_format=torch.channels_last)
-            model.classifier.forward(model.encoder_q.trunk(x))  # .forward: eager if compiled
+            model.classifier.forward(model.encoder_q.trunk.forward(x))  # eager if compiled
     for layer, momentum in zip(layers, momenta):
         layer.momentum = momentum
     model.train(was_training)
 
 def evaluate(model, images: Images, labels: torch.Tensor, img_size, batch_size, num_classes):
-    """The confusion matrix of the test split, in batches of batch_size in file order."""
-    logits = [logits_of(model, x, img_size, batch_size, autocast(images.device))
-              for x, _ in images.batches(torch.arange(len(labels)), batch_size, drop_last=False)]
-    return confusion(torch.cat(logits), labels.to(images.device), num_classes)
+    """Confusion matrices of the test split under both protocols (logits_of), in batches of
+    batch_size in file order, the last one partial (ARM's test loader)."""
+    order = torch.arange(len(labels))
+    batches = [logits_of(model, x, img_size, batch_size, autocast(images.device))
+               for x, _ in images.batches(order, batch_size)]
+    y = labels.to(images.device)
+    return {name: confusion(torch.cat([b[name] for b in batches]), y, num_classes)
+            for name in batches[0]}
 
 def confusion(logits: torch.Tensor, y: torch.Tensor, C: int) -> torch.Tensor:
-    """(C, C) counts, rows: true class, columns: predicted."""
-    return torch.bincount(y * C + logits.argmax(1), minlength=C * C).view(C, C).cpu()
+    """(C, C) counts, rows: true class, columns: predicted (fixed size: no data-dependent
+    shape, so no host sync until the caller reads it)."""
+    counts = torch.zeros(C * C, dtype=torch.int64, device=y.device)
+    counts.index_add_(0, y * C + logits.argmax(1), torch.ones_like(y))
+    return counts.view(C, C).cpu()
 
 def scores(conf: torch.Tensor) -> dict:
     """Accuracy, mean class accuracy (of classes with test samples), macro-F1, per-class
@@ -855,7 +1078,8 @@ def device_name(device) -> str:
 def banner(cfg: Config, device, train_ds, test_ds, notes) -> None:
     print(f"fer_supcon | torch {torch.__version__} torchvision {torchvision.__version__} | "
           f"{device_name(device)} | seed {cfg.seed}")
-    print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+    print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()
+                                if applies(k, cfg.data)))
     for split, ds in (("train", train_ds), ("test", test_ds)):
         counts = zip(ds.classes, torch.bincount(ds.labels, minlength=len(ds.classes)).tolist())
         print(f"{split}: {len(ds)} images, " + ", ".join(f"{c} {n}" for c, n in counts))
@@ -887,6 +1111,22 @@ def write_csv(path, rows) -> None:
 def write_png(path, image: Image.Image) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
+def load_trunk_weights(trunk: nn.Module, path: str) -> None:
+    """A ResNet-18 state dict (e.g. resnet18_msceleb.pth), bare or under 'state_dict', with or
+    without 'module.'; fc.* is ignored, any other missing or unused tensor is an error."""
+    sd = load_torch_file(path, "--pretrained file")
+    if isinstance(sd, dict):
+        sd = sd.get("state_dict", sd)
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise UserError(f"--pretrained {path}: expected a ResNet-18 state dict (name -> tensor)")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+    own = trunk.state_dict()  # files saved before PyTorch 0.4.1 lack BatchNorm's update counts
+    for k in own.keys() - sd.keys():
+        if k.endswith("num_batches_tracked"):
+            sd[k] = own[k]
+    load_weights(trunk, sd, f"--pretrained {path} (ResNet-18)")
+
 def load_torch_file(path, what):
     if not os.path.isfile(path):
         raise UserError(f"{what} {path} does not exist")
@@ -897,13 +1137,6 @@ def load_torch_file(path, what):
         raise UserError(f"{what} {path} is not a readable torch file (truncated or foreign?): "
                         f"{lines[0][:200]}") from None
 
-CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "config", "classes", "history",
-                   "rng", "relabels", "card"}
-CROPS = dict(rafdb="RAF-DB aligned 100x100 face crops", affectnet="AffectNet face boxes, cropped",
-             ferplus="FER2013 48x48 grayscale face crops", synthetic="fer_supcon's cartoon faces",
-             imagefolder="the images of the training folder")
-NATIVE_SIZE = {"rafdb": 100, "ferplus": 48}  # the side of the dataset's own images
-
 def load_checkpoint(path) -> dict:
     ckpt = load_torch_file(path, "checkpoint")
     if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
@@ -912,18 +1145,29 @@ def load_checkpoint(path) -> dict:
                         f"{sorted(CHECKPOINT_KEYS)}, found {found}")
     return ckpt
 
-def model_card(cfg: Config, classes) -> dict:
-    """What a user needs to feed the model; in every checkpoint and exported file."""
-    return dict(classes=list(classes), decode_size=decode_size(cfg), img_size=cfg.img_size,
+def model_card(cfg: Config, classes, row=None) -> dict:
+    """What a user needs to feed the model; in every checkpoint and exported file. row: the
+    checkpoint epoch's metrics, whose batch-independent accuracy is what --predict gives."""
+    card = dict(classes=list(classes), decode_size=decode_size(cfg), img_size=cfg.img_size,
                 input="RGB uint8 face crops, resized to decode_size x decode_size (PIL, "
                       "bilinear); the network resizes them to img_size (antialiased bilinear)",
                 normalisation=dict(mean=[255 * v for v in IMAGENET_MEAN],
                                    std=[255 * v for v in IMAGENET_STD]),
                 dataset=cfg.data, crops=CROPS[cfg.data], statistics=statistics_text(cfg),
                 torch=str(torch.__version__))
+    if row is not None:
+        card["test_acc"] = row["test_acc"]  # the official protocol
+        card["test_acc_batch_independent"] = row.get("test_acc_batch_independent",
+                                                     row["test_acc"])
+    return card
 
 def save_outputs(state: TrainState) -> None:
-    """The run folder's files (README, 'Using a trained model'), each written atomically."""
+    """The run folder's files (README, 'Using a trained model'), each written atomically:
+    last.pt, best.pt (a hard link to it), metrics.jsonl and summary.json every epoch; the
+    figures and relabels.csv too, unless they cost more than a tenth of the epoch's training
+    time, then every k epochs and after the last. The epoch's row gets the seconds this took
+    (its copy in the checkpoint has None there)."""
+    t0 = time.time()
     cfg, row = state.cfg, state.history[-1]
     classes = state.train_ds.classes
     summary = summarize(state.history, classes, cfg)
@@ -931,34 +1175,60 @@ def save_outputs(state: TrainState) -> None:
                       scheduler=state.sched.state_dict(), epoch=row["epoch"],
                       config=dataclasses.asdict(cfg), classes=classes, history=state.history,
                       rng=torch.get_rng_state(), relabels=vars(state.relabels),
-                      card=model_card(cfg, classes))
+                      card=model_card(cfg, classes, row))
     atomic_write(state.out / "last.pt", lambda tmp: torch.save(checkpoint, tmp))
     if summary["best_epoch"] == row["epoch"]:
-        atomic_write(state.out / "best.pt", lambda tmp: torch.save(checkpoint, tmp))
+        link_or_save(state.out / "last.pt", state.out / "best.pt", checkpoint)
+    if row["epoch"] == cfg.epochs or row["epoch"] >= state.figures_due:
+        t1 = time.time()
+        write_png(state.out / "curves.png", draw_curves(state.history, cfg.data))
+        write_relabels(state)
+        title = (f"{cfg.data} test, epoch {row['epoch']}: accuracy {100 * row['test_acc']:.2f}%"
+                 f", mean class {100 * row['mean_class_acc']:.2f}%")
+        save_confusion(torch.tensor(row["confusion"]), classes, state.out / "confusion", title)
+        every = math.ceil((time.time() - t1) / (0.1 * row["train_seconds"]))
+        if every > 1 and state.figures_due == 1:
+            print(f"note: the figures and relabels.csv took {time.time() - t1:.1f} s, more than "
+                  f"a tenth of the epoch's {row['train_seconds']:.1f} s of training: they are "
+                  f"written every {every} epochs and after the last", flush=True)
+        state.figures_due = row["epoch"] + max(every, 1)
+    row["output_seconds"] = time.time() - t0
     write_text(state.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
     write_text(state.out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    write_png(state.out / "curves.png", draw_curves(state.history, cfg.data))
-    write_relabels(state)
-    title = (f"{cfg.data} test, epoch {row['epoch']}: accuracy {100 * row['test_acc']:.2f}%, "
-             f"mean class {100 * row['mean_class_acc']:.2f}%")
-    save_confusion(torch.tensor(row["confusion"]), classes, state.out / "confusion", title)
+
+def link_or_save(source: Path, path: Path, checkpoint: dict) -> None:
+    """path := the file just written to source, as a hard link (no second serialisation);
+    where links do not exist, written again."""
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        atomic_write(path, lambda t: torch.save(checkpoint, t))
 
 def summarize(history: list, classes, cfg: Config) -> dict:
-    """The numbers people quote: final epoch, best epoch (the first), last five epochs."""
+    """The numbers people quote: final epoch, best epoch (the first), last five epochs, under
+    the official protocol; with ARM, the batch-independent accuracy beside each."""
     final, last5 = history[-1], history[-5:]
     best = max(history, key=lambda r: r["test_acc"])
-    return dict(data=cfg.data, final_epoch=final["epoch"], final_acc=final["test_acc"],
-                final_mean_class_acc=final["mean_class_acc"], final_macro_f1=final["macro_f1"],
-                final_per_class_acc=dict(zip(classes, final["per_class_acc"])),
-                best_epoch=best["epoch"], best_acc=best["test_acc"],
-                last5_epochs=[r["epoch"] for r in last5],
-                last5_mean_acc=sum(r["test_acc"] for r in last5) / len(last5),
-                config=dataclasses.asdict(cfg))
+    summary = dict(data=cfg.data, protocol=statistics_text(cfg), final_epoch=final["epoch"],
+                   final_acc=final["test_acc"], final_mean_class_acc=final["mean_class_acc"],
+                   final_macro_f1=final["macro_f1"],
+                   final_per_class_acc=dict(zip(classes, final["per_class_acc"])),
+                   best_epoch=best["epoch"], best_acc=best["test_acc"],
+                   last5_epochs=[r["epoch"] for r in last5],
+                   last5_mean_acc=sum(r["test_acc"] for r in last5) / len(last5))
+    if "test_acc_batch_independent" in final:
+        key = "test_acc_batch_independent"
+        summary.update(final_acc_batch_independent=final[key], best_acc_batch_independent=best[key],
+                       last5_mean_acc_batch_independent=sum(r[key] for r in last5) / len(last5))
+    return dict(summary, config=dataclasses.asdict(cfg))
 
 def write_relabels(state: TrainState) -> None:
     """relabels.csv (a row per sample CUEM relabelled) and relabels.png (the first 48)."""
     log, ds = state.relabels, state.train_ds
-    seen, relabelled = log.seen.tolist(), log.relabelled.tolist()
+    seen, relabelled, last_u = log.seen.tolist(), log.relabelled.tolist(), log.last_u.tolist()
     order = sorted((j for j in range(len(ds)) if relabelled[j]),  # the most often, consistently
                    key=lambda j: (-relabelled[j], -relabelled[j] / seen[j], j))
     cuem_label = log.to_class.argmax(1).tolist()  # the class it gave most often
@@ -967,7 +1237,7 @@ def write_relabels(state: TrainState) -> None:
     write_csv(state.out / "relabels.csv",
               [["index", "path", "label", "cuem_label", "relabelled", "seen", "last_u"]]
               + [[j, paths[j], name[j], ds.classes[cuem_label[j]], relabelled[j], seen[j],
-                  f"{log.last_u[j]:.4f}"] for j in order])
+                  f"{last_u[j]:.4f}"] for j in order])
     tiles = []
     for j in order[:48]:
         caption = [f"{name[j]} -> {ds.classes[cuem_label[j]]}",
@@ -1009,8 +1279,6 @@ def open_checkpoint(path, cli_values: dict, command: str, flags=(), must_match=(
     ckpt = load_checkpoint(path)
     check_matches(ckpt["config"], cli_values, must_match, f"--{command}")
     cfg = checkpoint_config(ckpt, cli_values, flags)
-    if cfg.no_arm and "arm_eval" in cli_values:
-        raise UserError(f"--arm-eval needs ARM: {path} was trained with --no-arm")
     device = pick_device(cfg.device)
     model = build_model(dataclasses.replace(cfg, compile=False), len(ckpt["classes"]), "none",
                         device)
@@ -1023,9 +1291,13 @@ def open_checkpoint(path, cli_values: dict, command: str, flags=(), must_match=(
           f"{card['statistics']}; trained with torch {card['torch']}")
     return ckpt, card, cfg, device, model.eval()
 
+LEGACY_NAMES = dict(no_arm="arm", no_scl="scl", no_cuem="cuem")  # older checkpoints' switches
+
 def checkpoint_config(ckpt: dict, cli_values: dict, flags) -> Config:
     """A checkpoint's config, with the `flags` given; this machine's device unless given."""
-    saved = {k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__}
+    saved = {LEGACY_NAMES.get(k, k): not v if k in LEGACY_NAMES else v
+             for k, v in ckpt["config"].items()}
+    saved = {k: v for k, v in saved.items() if k in Config.__dataclass_fields__}
     given = {k: v for k, v in cli_values.items() if k in flags}
     return Config(**{**saved, "device": "auto", **given})
 
@@ -1036,61 +1308,89 @@ def check_matches(ckpt_config: dict, cli_values: dict, keys, what: str) -> None:
         raise UserError(f"{what} does not fit the checkpoint: " + ", ".join(diff))
 
 EVAL_FLAGS = ("data", "root", "train_labels", "classes", "ferplus_label", "device", "workers",
-              "arm_eval", "batch_size", "synthetic_test", "seed")
+              "test_batch_size", "synthetic_test", "seed")
 
 def run_eval(path, cli_values: dict) -> dict:
-    """A checkpoint's test scores under the run's protocol (its batch size, file order), their
-    dependence on the batching; <stem>_eval.json and <stem>_confusion.png / .txt."""
+    """A checkpoint's test scores under both protocols of the run (ARM's official one and the
+    batch-independent one), their dependence on the batching; <stem>_eval.json and
+    <stem>_confusion.png / .txt (the official protocol's)."""
     ckpt, card, cfg, device, model = open_checkpoint(
-        path, cli_values, "eval", EVAL_FLAGS, must_match=("img_size", "no_arm"))
+        path, cli_values, "eval", EVAL_FLAGS, must_match=("img_size", "arm"))
     test_ds = load_dataset(cfg.data, cfg.root, "test", decode_size(cfg), **dataset_options(cfg))
     classes = test_ds.classes
     if len(classes) != len(ckpt["classes"]):
         raise UserError(f"{path} has {len(ckpt['classes'])} classes "
                         f"({', '.join(ckpt['classes'])}); --data {cfg.data} has {len(classes)} "
                         f"({', '.join(classes)})")
-    x = Images(test_ds, device, cache=True, workers=cfg.workers).x  # (N, 3, s, s) uint8
+    x = Images(test_ds, device, "device", cfg.workers).x  # (N, 3, s, s) uint8
     y = test_ds.labels.to(device)
-    logits = logits_of(model, x, cfg.img_size, cfg.batch_size, autocast(device))
-    conf = confusion(logits, y, len(classes))
-    protocol = f"{statistics_text(cfg)}, batches of {cfg.batch_size} in file order"
-    res = dict(checkpoint=str(path), epoch=ckpt["epoch"], data=cfg.data, protocol=protocol,
-               test_images=len(y), **scores(conf), classes=classes,
-               batching=batching_report(model, x, y, cfg.img_size, cfg.seed))
-    title = (f"{path} on {cfg.data} test ({len(y)} images): accuracy {100 * res['test_acc']:.2f}%"
-             f", mean class {100 * res['mean_class_acc']:.2f}%, macro-F1 "
-             f"{100 * res['macro_f1']:.2f}%")
+    logits = logits_of(model, x, cfg.img_size, cfg.test_batch_size, autocast(device))
+    conf = {name: confusion(v, y, len(classes)) for name, v in logits.items()}
+    res = dict(checkpoint=str(path), epoch=ckpt["epoch"], data=cfg.data,
+               protocol=statistics_text(cfg), test_images=len(y), **scores(conf["official"]),
+               classes=classes, batching=batching_report(model, x, y, cfg.img_size, cfg.seed))
+    lines = [f"{path} on {cfg.data} test ({len(y)} images); {res['protocol']}"]
+    if isinstance(model.classifier, ARM):
+        res["test_acc_batch_independent"] = scores(conf["batch_independent"])["test_acc"]
+        lines.append(f"ARM's official protocol (g from each test batch): {score_text(res)}")
+        lines.append("batch-independent (ARM's running g; --predict, --export): "
+                     f"{score_text(scores(conf['batch_independent']))}")
+    else:
+        lines.append(score_text(res))
     stem = Path(path).with_name(Path(path).stem)
-    save_confusion(conf, classes, Path(f"{stem}_confusion"), title)
+    title = f"{path} on {cfg.data} test ({len(y)} images): {score_text(res)}"
+    save_confusion(conf["official"], classes, Path(f"{stem}_confusion"), title)
     write_text(f"{stem}_eval.json",
                json.dumps({**res, "config": dataclasses.asdict(cfg)}, indent=1) + "\n")
-    by_batch = "; ".join(f"{k[6:].replace('_', ' ')}: {100 * r['test_acc']:.2f}% (logits within "
-                         f"{r['max_diff']:.1e})" for k, r in res["batching"].items()
-                         if k != "float_noise")
-    verdict = ("float noise: no prediction depends on the other images of its batch"
-               if res["batching"]["float_noise"] else "predictions depend on the batch")
-    print(f"{title}\nprotocol: {protocol}\n{confusion_text(conf, classes)}\ntest accuracy by "
-          f"batch size (float32, against batches of 256): {by_batch} -> {verdict}\nwrote "
-          f"{stem}_eval.json, {stem}_confusion.png and {stem}_confusion.txt")
+    print("\n".join(lines) + "\n" + confusion_text(conf["official"], classes)
+          + batching_text(res["batching"], isinstance(model.classifier, ARM))
+          + f"\nwrote {stem}_eval.json, {stem}_confusion.png and {stem}_confusion.txt")
     return res
 
+def score_text(figures: dict) -> str:
+    return (f"accuracy {100 * figures['test_acc']:.2f}%, mean class "
+            f"{100 * figures['mean_class_acc']:.2f}%, macro-F1 {100 * figures['macro_f1']:.2f}%")
+
+BATCHINGS = {"1": (1, False), "64": (64, False), "256": (256, False), "256 shuffled": (256, True)}
+
+@torch.no_grad()
 def batching_report(model, x, y, img_size: int, seed: int) -> dict:
-    """Accuracy at batches of 1, 64, 256 and 256 shuffled (float32), and the largest logit
-    difference to batches of 256: float noise with ARM's running g, more with batch g."""
-    reference = logits_of(model, x, img_size, 256)  # (N, C)
+    """Test accuracy under each protocol at each of BATCHINGS (float32, TF32 off), and the
+    largest batch-independent logit difference to batches of 256: float noise, or not."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(x.device)
     report = {}
-    for name, bs in (("batch_1", 1), ("batch_64", 64), ("batch_256", 256),
-                     ("batch_256_shuffled", 256)):
-        order = perm if name.endswith("shuffled") else torch.arange(len(x), device=x.device)
-        logits = logits_of(model, x[order], img_size, bs)[order.argsort()]  # (N, C), file order
-        report[name] = dict(test_acc=(logits.argmax(1) == y).double().mean().item(),
-                            max_diff=(logits - reference).abs().max().item())
-    # float noise: float32 rounding of other summation orders (~1e-6 relative), or TF32
-    # convolutions on a GPU (10-bit mantissa, ~1e-3); a batch mean's effect is far larger
+    for name, (size, shuffled) in BATCHINGS.items():
+        order = perm if shuffled else torch.arange(len(x), device=x.device)
+        logits = logits_of(model, x[order], img_size, size)  # float32
+        report[name] = {k: v[order.argsort()] for k, v in logits.items()}  # file order
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    reference = report["256"]["batch_independent"]
+    # float32 with TF32 off: another batch size changes the summation order and the kernels
+    # (cuDNN picks per shape): ~1e-6 relative; 1e-3 relative is far above that and far below
+    # what a batch statistic does (the official protocol moves logits by O(1))
     limit = 1e-3 * (1 + reference.abs().max().item())
-    report["float_noise"] = all(r["max_diff"] <= limit for r in report.values())
-    return report
+    diffs = {k: (r["batch_independent"] - reference).abs().max().item() for k, r in report.items()}
+    return dict(limit=limit, float_noise=max(diffs.values()) <= limit,
+                **{k: dict(max_diff=diffs[k], **{p: (v.argmax(1) == y).double().mean().item()
+                                                  for p, v in r.items()})
+                   for k, r in report.items()})
+
+def batching_text(report: dict, arm: bool) -> str:
+    """--eval's lines on the batch dependence (float32, TF32 off)."""
+    def accuracies(protocol):
+        return " / ".join(f"{100 * report[k][protocol]:.2f}%" for k in BATCHINGS)
+    sizes = " / ".join(BATCHINGS)
+    verdict = ("float noise: no prediction depends on the other images of its batch"
+               if report["float_noise"] else "predictions depend on the batch")
+    text = (f"test accuracy at batches of {sizes} (float32, TF32 off): "
+            f"{'batch-independent ' if arm else ''}{accuracies('batch_independent')}; logits "
+            f"within {max(report[k]['max_diff'] for k in BATCHINGS):.1e} of batches of 256 "
+            f"(limit {report['limit']:.1e}) -> {verdict}")
+    if arm:
+        text += f"\nARM's official protocol (g from each batch): {accuracies('official')}"
+    return text
 
 def find_images(patterns) -> list[str]:
     """Files as given, folders searched recursively, globs; in order, without repeats."""
@@ -1110,7 +1410,6 @@ def run_predict(patterns, path, cli_values: dict, top=3, csv_path=None) -> dict:
     """Class probabilities of images read as the test images were; float32, ARM's running g."""
     flags = ("device", "workers", "batch_size", "log_every")
     ckpt, card, cfg, device, model = open_checkpoint(path, cli_values, "predict", flags)
-    model.classifier.eval_batch_mean = False  # ARM: an answer never depends on its batch
     classes, files = ckpt["classes"], find_images(patterns)
     images = ImageList(files, [0] * len(files), classes, card["decode_size"])
     loader = torch.utils.data.DataLoader(images, min(cfg.batch_size, 256), num_workers=cfg.workers)
@@ -1118,7 +1417,8 @@ def run_predict(patterns, path, cli_values: dict, top=3, csv_path=None) -> dict:
     rows = [["path", "predicted", *classes]]
     tick = time.time()
     for x, errors in loader:
-        probs = logits_of(model, x.to(device), cfg.img_size, len(x)).softmax(1).cpu()  # (b, C)
+        logits = logits_of(model, x.to(device), cfg.img_size, len(x))["batch_independent"]
+        probs = logits.softmax(1).cpu()  # (b, C): ARM's running g, whatever the batch
         done = len(probabilities) + len(skipped)
         for file, prob, err in zip(files[done:], probs, errors):
             if err:
@@ -1153,8 +1453,7 @@ class ExportedNet(nn.Module):
 
 def run_export(file, path, cli_values: dict) -> dict:
     """torch.export the network with its card; reload it and compare it with the eager one."""
-    ckpt, card, cfg, _, model = open_checkpoint(path, cli_values, "export")
-    model.classifier.eval_batch_mean = False  # ARM: an answer never depends on its batch
+    ckpt, card, cfg, _, model = open_checkpoint(path, cli_values, "export", ("device",))
     net = ExportedNet(model.float().cpu().to(memory_format=torch.contiguous_format), cfg.img_size)
     side = card["decode_size"]
     program = torch.export.export(net.eval(), (torch.zeros(2, 3, side, side, dtype=torch.uint8),),
@@ -1176,21 +1475,6 @@ def run_export(file, path, cli_values: dict) -> dict:
     return dict(file=str(file), max_diff=diff, card=json.loads(extra["fer_supcon.json"]))
 
 # ==== Appendix A: dataset formats (Sec. III-A) ================================================
-
-RAFDB_CLASSES = ["surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral"]
-AFFECTNET_CLASSES = ["neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger",
-                     "contempt"]
-FERPLUS_CLASSES = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear",
-                   "contempt"]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-LAYOUTS = dict(  # README, 'Datasets', has them in full
-    rafdb="ROOT/EmoLabel/list_patition_label.txt ('train_00001.jpg 5' lines) and "
-          "ROOT/Image/aligned/train_00001_aligned.jpg",
-    imagefolder="ROOT/train/<class>/*.jpg|png and ROOT/test/<class>/* (or ROOT/val/)",
-    affectnet="ROOT/Manually_Annotated_file_lists/{training,validation}.csv and "
-              "ROOT/Manually_Annotated_Images/, or ROOT/{train_set,val_set}/{images,annotations}/",
-    ferplus="ROOT/fer2013.csv and ROOT/fer2013new.csv (row for row), or "
-            "ROOT/FER2013{Train,Test}/ with PNGs and a label.csv of vote rows")
 
 def layout_error(data: str, message: str) -> UserError:
     return UserError(f"{message}; expected the {data} layout: {LAYOUTS[data]}")
@@ -1527,8 +1811,6 @@ def dataset_options(cfg: Config) -> dict:
 
 # ==== Appendix B: drawings (Fig. 4's confusion matrix, curves, CUEM's relabels) =================
 
-COLORS = [(31, 78, 160), (214, 96, 40), (50, 150, 60), (160, 50, 150)]
-
 def fonts(size=15):  # Pillow >= 10.1
     return ImageFont.load_default(size=size), ImageFont.load_default(size=size - 3)
 
@@ -1628,29 +1910,39 @@ def draw_relabels(tiles: list, title: str) -> Image.Image:
 
 # ==== Appendix C: --benchmark, side by side in one run =========================================
 
-def benchmark(cfg: Config, cli_values: dict) -> dict:
-    """Samples/s of the baseline step (one view), the full step, two augmented views and the
-    eval-mode network: medians of interleaved repeats; peak memory."""
+def benchmark(cfg: Config, cli_values: dict, rounds=None) -> dict:
+    """Samples/s of the baseline step (one view), the full step (two views, momentum update,
+    Eq. 2, CUEM, enqueue) and the same in --deterministic mode, two augmented views and the
+    eval-mode network: medians of interleaved repeats; peak memory. Then the loader path."""
     device = pick_device(cfg.device)
     cuda = device.type == "cuda"
     S = cfg.img_size if "img_size" in cli_values else (224 if cuda else 112)
     B = cfg.batch_size if "batch_size" in cli_values else (256 if cuda else 32)
-    repeats, warmup = (30, 5) if cuda else (7, 2)
+    repeats, warmup = rounds or ((30, 5) if cuda else (7, 2))  # timed, warm-up
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # for the deterministic job
     cfg = dataclasses.replace(cfg, img_size=S, batch_size=B)
     model = build_model(cfg, 7, "none", device)
     model.queue.enqueue(F.normalize(torch.randn_like(model.queue.feats), dim=1),
-                        torch.arange(cfg.queue_size) % 7)  # a full queue: CUEM runs
+                        torch.arange(cfg.queue_size, device=device) % 7)  # full: CUEM runs
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], fused=cuda)
     cache = torch.randint(0, 256, (B, 3, min(S, 100), min(S, 100)), dtype=torch.uint8,
                           device=device)
     x_q, x_k = two_views(cache, cfg, 0, 0, keys=True)
     y, amp = torch.randint(0, 7, (B,), device=device), autocast(device)
     step = dict(m=0.99, tau=0.1, theta=0.1, amp=amp)
+    def full_step():
+        return train_step(model, opt, x_q, x_k, y, lam=0.5, use_cuem=True, **step)
+    def deterministic_step():
+        torch.use_deterministic_algorithms(True)
+        try:
+            return full_step()
+        finally:
+            torch.use_deterministic_algorithms(False)
     jobs = dict(
         baseline_samples_per_s=lambda: train_step(model, opt, x_q, None, y, lam=0.0,
                                                   use_cuem=False, **step),
-        full_samples_per_s=lambda: train_step(model, opt, x_q, x_k, y, lam=0.5, use_cuem=True,
-                                              **step),
+        full_samples_per_s=full_step,
+        deterministic_samples_per_s=deterministic_step,
         augment_samples_per_s=lambda: two_views(cache, cfg, 0, 0, keys=True),
         inference_images_per_s=lambda: logits_of(model, cache, S, B, amp))
     times = {k: [] for k in jobs}
@@ -1668,17 +1960,53 @@ def benchmark(cfg: Config, cli_values: dict) -> dict:
                repeats=repeats, compile=cfg.compile,
                **{k: B / float(np.median(t)) for k, t in times.items()})
     res["overhead_ratio"] = res["baseline_samples_per_s"] / res["full_samples_per_s"]
+    res["deterministic_ratio"] = res["full_samples_per_s"] / res["deterministic_samples_per_s"]
     if cuda:
         res["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
         import resource
         res["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res.update(loader_benchmark(device, S, cfg.workers))
     print(f"benchmark on {res['device']}, {S}px, batch {B}, median of {repeats} after {warmup} "
           f"warm-up; peak memory {res['peak_memory_mb']:,.0f} MB (CUDA allocated / CPU RSS)")
-    for k in (*jobs, "overhead_ratio"):
-        print(f"  {k.replace('_', ' '):<36} {res[k]:>12,.{3 if k == 'overhead_ratio' else 0}f}")
+    for k in (*jobs, "overhead_ratio", "deterministic_ratio", "loader_workers_images_per_s",
+              "loader_decode_jpeg_images_per_s"):
+        print(f"  {k.replace('_', ' '):<36} {res[k]:>12,.{3 if 'ratio' in k else 0}f}")
     print(json.dumps(res))
     return res
+
+def loader_benchmark(device, size: int, workers: int, n: int = 256) -> dict:
+    """Images/s of the path a run without a cache takes, on n JPEGs written at AffectNet-like
+    sizes (300-700 px a side, quality 90) to a temporary folder: decoding (PIL), the resize to
+    `size` and collation in `workers` processes (a first pass starts them, the second is
+    timed); and torchvision.io.decode_jpeg on the device, resized there, in batches of 64."""
+    rng = np.random.default_rng(0)
+    faces = [draw_face(rng, k % 7, int(rng.integers(300, 701))) for k in range(16)]
+    with tempfile.TemporaryDirectory() as folder:
+        paths = [os.path.join(folder, f"{i:04d}.jpg") for i in range(n)]
+        for i, path in enumerate(paths):
+            faces[i % len(faces)].save(path, quality=90)
+        ds = ImageFiles(paths, [0] * n, ["face"], size)
+        loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=workers,
+                                             persistent_workers=workers > 0)
+        seconds = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            for _ in loader:
+                pass
+            seconds.append(time.perf_counter() - t0)
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates it for TorchCodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            files = [torchvision.io.read_file(path) for path in paths]
+            t0 = time.perf_counter()
+            for i in range(0, n, 64):
+                decoded = torchvision.io.decode_jpeg(files[i:i + 64], device=device)
+                batch = torch.stack([resize(img[None].float(), size)[0] for img in decoded])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        jpeg_seconds = time.perf_counter() - t0
+    return dict(loader_workers=workers, loader_workers_images_per_s=n / seconds[1],
+                loader_decode_jpeg_images_per_s=n / jpeg_seconds, loader_image_side=batch.shape[-1])
 
 # ==== Command line =============================================================================
 
@@ -1686,24 +2014,29 @@ class ArgParser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (through main), no usage dump
         raise UserError(f"{message} (see --help)")
 
+def field_help() -> dict:
+    """Each Config field's comment, its --help line, read from this file."""
+    try:
+        source = inspect.getsource(Config)
+    except (OSError, TypeError):  # no source (a frozen program): flags without help
+        return {}
+    return dict(re.findall(r"^    (\w+): [^=]+=[^#]*#\s*(.*)$", source, re.MULTILINE))
+
 def build_parser() -> ArgParser:
-    """Flags from Config (defaults from the same fields, per-dataset ones named), commands."""
+    """A flag per Config field (--x / --no-x for a switch), then the commands."""
     parser = ArgParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    for opt in dataclasses.fields(Config):
-        flag, meta = "--" + opt.name.replace("_", "-"), opt.metadata
-        per_data = "".join(f"; {d}: {v}" for d, v in meta["per_data"].items())
-        only = meta["only"] and len(meta["only"]) < len(REAL)
-        text = f"{meta['help']}" + (f" [--data {' | '.join(meta['only'])}]" if only else "")
-        text = (text + f" (default {opt.default}{per_data})").replace("%", "%%")
-        if isinstance(opt.default, bool):
-            parser.add_argument(flag, action="store_true", help=text)
-            if opt.name.startswith("no_"):  # --arm / --scl / --cuem undo synthetic's no_arm
-                parser.add_argument("--" + opt.name[3:], dest=opt.name, action="store_false",
-                                    help=f"undo {flag}")
+    helps = field_help()
+    for f in dataclasses.fields(Config):
+        own = "".join(f"; {d}: {v[f.name]}" for d, v in DATA_DEFAULTS.items() if f.name in v)
+        only = f" [--data {' | '.join(ONLY[f.name])}]" if f.name in ONLY else ""
+        text = f"{helps.get(f.name, '')}{only} (default {f.default}{own})".replace("%", "%%")
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
-            kind = float if opt.name == "momentum" else type(opt.default)
-            parser.add_argument(flag, type=kind, choices=meta["choices"], help=text)
+            kind = float if f.name == "momentum" else type(f.default)
+            parser.add_argument(flag, type=kind, choices=CHOICES.get(f.name), help=text)
     parser.add_argument("--eval", metavar="CKPT", help="evaluate a checkpoint on the test split")
     parser.add_argument("--predict", metavar="PATH", nargs="+",
                         help="classify images: files, folders (recursive), globs")
@@ -1719,22 +2052,22 @@ RESUME_FLAGS = {"epochs", "device", "workers", "log_every", "out", "cache", "res
 def validate(cfg: Config, cli_values: dict) -> None:
     """One-line errors for values and combinations that cannot work."""
     for name in cli_values:
-        only = Config.__dataclass_fields__[name].metadata["only"]
-        if only and cfg.data not in only:
-            raise UserError(f"--{name.replace('_', '-')} applies to --data {' | '.join(only)} "
-                            f"only, not {cfg.data}")
+        if not applies(name, cfg.data):
+            raise UserError(f"--{name.replace('_', '-')} applies to --data "
+                            f"{' | '.join(ONLY[name])} only, not {cfg.data}")
     checks = [
-        (cfg.img_size >= 64, f"--img-size {cfg.img_size}: expected at least 64"),
+        (cfg.img_size >= (64 if cfg.arm else 32),
+         f"--img-size {cfg.img_size}: expected at least 64 with ARM, 32 without"),
         (0 <= cfg.label_noise < 1, "--label-noise: expected a fraction in [0, 1)"),
         (not (cfg.label_noise and cfg.train_labels), "--label-noise and --train-labels: give one"),
-        (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: expected at least 1"),
+        (cfg.batch_size >= 2, f"--batch-size {cfg.batch_size}: expected at least 2 (BatchNorm)"),
         (cfg.epochs >= 1, f"--epochs {cfg.epochs}: expected at least 1"),
         (cfg.queue_size >= 1, f"--queue-size {cfg.queue_size}: expected at least 1"),
         (0 <= (cfg.momentum or 0) <= 1, f"--momentum {cfg.momentum}: expected a value in [0, 1]"),
         (cfg.tau > 0, f"--tau {cfg.tau}: expected a positive temperature"),
         (cfg.alpha > 0, f"--alpha {cfg.alpha}: expected a positive number of epochs"),
         (cfg.workers >= 0, f"--workers {cfg.workers}: expected 0 or more"),
-        (not (cfg.no_arm and "arm_eval" in cli_values), "--arm-eval needs ARM, not --no-arm"),
+        (cfg.test_batch_size >= 1, f"--test-batch-size {cfg.test_batch_size}: expected >= 1"),
         (min(cfg.synthetic_train, cfg.synthetic_test) >= 1, "--synthetic-*: expected >= 1")]
     for ok, message in checks:
         if not ok:
