@@ -11,9 +11,10 @@ another class of the queue beats its own class's by more than theta.
     python fer_supcon.py --predict faces/ --checkpoint runs/X/best.pt   # or --export model.pt2
     python fer_supcon.py --benchmark                 # step, augmentation, loader speed
 
-Defaults: the paper's method and the field's evaluation protocol. `NOTE: not in the paper`
-marks a choice where the paper is silent, `NOTE: departs from` an option that departs from the
-paper's text or the official code; README.md lists both with their reasons.
+Defaults: the paper's text where it speaks; where it is silent, the code it builds on (ARM's
+scripts, MoCo, SupContrast), else ours. `NOTE: not in the paper` marks a silent choice and its
+source, `NOTE: departs from` an option that departs from the paper or that code; README.md
+lists both with their sources and measured effects.
 """
 from __future__ import annotations
 
@@ -226,8 +227,9 @@ class GAPClassifier(nn.Module):
 def projection_head(dim: int = 128, batch_norm: bool = True) -> nn.Sequential:
     """The paper's "three-layer nonlinear MLP", r (B, 512) -> z (B, dim).
     NOTE: not in the paper - widths 512-512-dim; BatchNorm after the two hidden layers, as in
-    SimCLR v2's three-layer head and MoCo v3's three-layer projector (MoCo v2 and SupContrast:
-    Linear-ReLU-Linear, no BN; batch_norm=False is that MLP grown to three layers)."""
+    MoCo v3's three-layer projector (SimCLR v2's three-layer head has it after every layer);
+    MoCo v2 and SupContrast: Linear-ReLU-Linear, no BN (batch_norm=False: that MLP grown to
+    three layers). Measured on noisy digits: without BN CUEM stops relabelling (README)."""
     def hidden():
         return [nn.Linear(512, 512), *([nn.BatchNorm1d(512)] if batch_norm else []),
                 nn.ReLU(inplace=True)]
@@ -512,7 +514,7 @@ def random_erase(x: torch.Tensor, gen: torch.Generator, uniform, p=0.5, area=(0.
 
 def affine_augment(x: torch.Tensor, size: int, gen: torch.Generator, rotate=10.0,
                    scale=(0.9, 1.1), translate=0.05) -> torch.Tensor:
-    """--augment affine (ours, not ARM's): a view of a uint8 batch -> normalised float (B, 3,
+    """NOTE: departs from ARM's recipe - --augment affine (ours, README): a view of a uint8 batch -> normalised float (B, 3,
     size, size): one grid_sample flips (p 0.5), rotates, scales and shifts while resizing;
     Gaussian noise (std 5.5, p 0.25); then ARM's erasing at up to a quarter of the area."""
     B, dev = x.shape[0], x.device
@@ -541,7 +543,8 @@ def step_generator(seed: int, epoch: int, step: int, device) -> torch.Generator:
     return torch.Generator(device).manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + step)
 
 def inject_label_noise(labels: torch.Tensor, p: float, num_classes: int, seed: int):
-    """NOTE: not in the paper - SCN's protocol: round(p N) labels, each to another class."""
+    """NOTE: not in the paper - SCN's generate.py moves a label to a uniformly drawn other
+    class; it flips each with probability p, this flips exactly round(p N) of them."""
     gen = torch.Generator().manual_seed(seed + 7919)
     flip = torch.randperm(len(labels), generator=gen)[: round(p * len(labels))]
     noisy = labels.clone()
@@ -611,19 +614,13 @@ class Images:
     def batches(self, order: torch.Tensor, batch_size: int):
         """Yield (uint8 images (b, 3, s, s), indices (b,)) on the device: `order` in batches of
         batch_size, the last one partial; no step waits for the host."""
-        if self.placement == "device":
-            order = order.to(self.device)
+        if self.placement != "workers":
+            order = order.to(self.x.device)  # the cache's device: the GPU's, or the host's
             for i in range(0, len(order), batch_size):
-                yield self.x[order[i:i + batch_size]], order[i:i + batch_size]
-        elif self.placement == "host":  # pinned: the copies run while the GPU computes
-            order = order.pin_memory()
-            for i in range(0, len(order), batch_size):
-                idx = order[i:i + batch_size]
-                x = torch.empty((len(idx), *self.x.shape[1:]), dtype=torch.uint8,
-                                pin_memory=True)
-                torch.index_select(self.x, 0, idx, out=x)
-                yield (x.to(self.device, non_blocking=True),
-                       idx.to(self.device, non_blocking=True))
+                x, idx = self.x[order[i:i + batch_size]], order[i:i + batch_size]
+                if self.placement == "host":  # pinned: the copies run while the GPU computes
+                    x, idx = x.pin_memory(), idx.pin_memory()
+                yield x.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)
         else:
             self.order[:] = [b.tolist() for b in order.split(batch_size)]
             loader = iter(self.loader)
@@ -636,13 +633,6 @@ class Images:
                 self.wait_seconds += time.perf_counter() - t0
                 yield x.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)
 
-def worker_rate(ds, workers: int, n: int = 64) -> float:
-    """Images per second that `workers` processes decode, from n decoded here (an estimate)."""
-    t0 = time.time()
-    for i in range(min(n, len(ds))):
-        ds.image(i)
-    return max(workers, 1) * min(n, len(ds)) / max(time.time() - t0, 1e-9)
-
 def placement_note(placement: str, choice: str, device, n: int, nbytes: int, side: int,
                    seconds: float, ds, workers: int) -> str:
     """The banner's line on where a run's n images live and at what rate they come."""
@@ -653,14 +643,18 @@ def placement_note(placement: str, choice: str, device, n: int, nbytes: int, sid
     if placement == "host":
         return (f"images decoded once into host memory ({size}; {rate}); batches go to the GPU "
                 "through pinned memory")
+    t0, sample = time.time(), range(min(64, len(ds)))
+    for i in sample:  # the workers' rate, estimated from 64 images decoded here
+        ds.image(i)
+    rate = max(workers, 1) * len(sample) / max(time.time() - t0, 1e-9)
     why = "--cache off" if choice == "off" else "no cache fits"
     return (f"images decoded every epoch by {workers} workers ({size}; {why}): about "
-            f"{worker_rate(ds, workers):,.0f} images/s (64 decoded here, x {max(workers, 1)})")
+            f"{rate:,.0f} images/s (64 decoded here, x {max(workers, 1)})")
 
 def trained_images(n: int, batch_size: int) -> int:
-    """How many of an epoch's n images are trained on: all of them, the last partial batch too
-    (ARM's loader keeps it), except a single leftover image, which train-mode BatchNorm cannot
-    normalise on its own."""
+    """How many of an epoch's n images are trained on. NOTE: not in the paper - all of them,
+    the last partial batch too (ARM's loader keeps it), except a single leftover image, which
+    train-mode BatchNorm cannot normalise on its own."""
     return n - 1 if n > 1 and n % batch_size == 1 else n
 
 # ==== III  Training and evaluation ============================================================
@@ -1001,7 +995,8 @@ def logits_of(model, x: torch.Tensor, img_size: int, batch_size: int, amp=None) 
     """Eval-mode logits (N, C) of uint8 images (N, 3, h, w), in batches of batch_size in the
     given order, one trunk pass per batch, under both test protocols: 'official' (with ARM, g
     from each batch, as ARM's test script) and 'batch_independent' (ARM's running g). Without
-    ARM the two are one tensor. The model's mode is kept."""
+    ARM the two are one tensor. The model's mode is kept. NOTE: not in the paper - ARM's test
+    protocol (test_raf-db.py: batches of 64, file order, eval mode) is the headline."""
     was_training, arm = model.training, isinstance(model.classifier, ARM)
     batch_g = arm and model.classifier.eval_batch_mean
     model.eval()
@@ -1285,10 +1280,15 @@ def open_checkpoint(path, cli_values: dict, command: str, flags=(), must_match=(
     load_weights(model, ckpt["model"], path)
     card = {**model_card(cfg, ckpt["classes"]), **ckpt["card"]}  # older cards lack fields
     side, net = card["decode_size"], card["img_size"]
+    accuracy = ""
+    if "test_acc" in card:  # what --predict and --export give: the batch-independent figure
+        accuracy = (f"; test accuracy {100 * card['test_acc_batch_independent']:.2f}% as "
+                    f"--predict and --export compute it, {100 * card['test_acc']:.2f}% under "
+                    "the run's protocol")
     print(f"{path}: epoch {ckpt['epoch']} of a {card['dataset']} run ({card['crops']}); "
           f"{len(card['classes'])} classes {', '.join(card['classes'])}; input RGB face crops "
           f"read at {side}x{side}, network {net}x{net}, ImageNet normalisation; "
-          f"{card['statistics']}; trained with torch {card['torch']}")
+          f"{card['statistics']}{accuracy}; trained with torch {card['torch']}")
     return ckpt, card, cfg, device, model.eval()
 
 LEGACY_NAMES = dict(no_arm="arm", no_scl="scl", no_cuem="cuem")  # older checkpoints' switches
@@ -1844,16 +1844,23 @@ def draw_confusion(conf: torch.Tensor, classes, title="") -> Image.Image:
               fill="black", font=small)
     return img
 
+def round_ticks(lo: float, hi: float, most: int = 6) -> list[float]:
+    """Tick values 1, 2 or 5 times a power of ten apart, covering [lo, hi]."""
+    hi = hi if hi > lo else lo + 1  # a flat series gets a unit range
+    step = 10 ** math.floor(math.log10((hi - lo) / most))
+    step = next(k * step for k in (1, 2, 5, 10) if (hi - lo) / (k * step) <= most)
+    return [k * step for k in range(math.floor(lo / step), math.ceil(hi / step) + 1)]
+
 def draw_curves(history: list, data: str) -> Image.Image:
     """curves.png: per epoch, a panel each for accuracy, losses, the schedule (Eq. 4, lr) and
-    CUEM's relabels: a line per series (its name in its colour), 5 values on the y axis."""
+    CUEM's relabels: a line per series (its name in its colour), round ticks, epochs below."""
     font, small = fonts()
-    img = Image.new("RGB", (1120, 720), "white")
+    img = Image.new("RGB", (1120, 760), "white")
     draw = ImageDraw.Draw(img)
     draw.text((20, 12), f"fer_supcon, --data {data}: per epoch (metrics.jsonl)", fill="black",
               font=font)
     panels = {"test accuracy, %": [("accuracy", "test_acc", 100),
-                                   ("mean class", "mean_class_acc", 100)],
+                                   ("batch-independent", "test_acc_batch_independent", 100)],
               "training losses": [("cross-entropy, Eq. (1)", "ce", 1),
                                   ("L_sup, Eq. (2)", "supcon", 1)],
               "schedule": [("lambda, Eq. (4)", "lam", 1),
@@ -1861,32 +1868,37 @@ def draw_curves(history: list, data: str) -> Image.Image:
               "CUEM, % of the epoch's samples": [("relabelled", "relabel_share", 100),
                                                  ("precision", "relabel_precision", 100),
                                                  ("recall", "relabel_recall", 100)]}
-    xs = [80 + 440 * (i + 0.5) / len(history) for i in range(len(history))]
+    epochs = [r["epoch"] for r in history]
+    epoch_ticks = [e for e in round_ticks(epochs[0], epochs[-1], 10) if e in epochs] or epochs
     for k, (title, series) in enumerate(panels.items()):
-        dx, y0 = 550 * (k % 2), 80 + 330 * (k // 2)
+        x0, y0, w, h = 80 + 550 * (k % 2), 80 + 350 * (k // 2), 440, 240
+        def at_x(e):  # the epoch's point in the panel
+            return x0 + w * (epochs.index(e) + 0.5) / len(epochs)
         # None where a figure does not exist (L_sup is not computed while lambda = 0)
         ys = {name: [r[key] * scale if r.get(key) is not None and (key != "supcon" or r["lam"] > 0)
                      else None for r in history] for name, key, scale in series}
         ys = {name: v for name, v in ys.items() if any(y is not None for y in v)}
         values = [v for vs in ys.values() for v in vs if v is not None] or [0.0]
-        lo, hi = min(values), max(values) if max(values) > min(values) else min(values) + 1
-        draw.text((80 + dx, y0 - 24), title, fill="black", font=font)
-        for j in range(5):
-            y = y0 + 240 - 60 * j
-            draw.line([(80 + dx, y), (520 + dx, y)], fill=(225, 225, 225))
-            draw.text((74 + dx, y), f"{lo + (hi - lo) * j / 4:.3g}", fill="black", font=small,
-                      anchor="rm")
-        draw.rectangle((80 + dx, y0, 520 + dx, y0 + 240), outline="black")
-        draw.text((80 + dx, y0 + 246), f"epochs {history[0]['epoch']}-{history[-1]['epoch']}",
-                  fill="black", font=small)
-        legend_x = 200 + dx
+        ticks = round_ticks(min(values), max(values))
+        lo, hi = ticks[0], ticks[-1]
+        draw.text((x0, y0 - 24), title, fill="black", font=font)
+        for t in ticks:
+            y = y0 + h - h * (t - lo) / (hi - lo)
+            draw.line([(x0, y), (x0 + w, y)], fill=(225, 225, 225))
+            draw.text((x0 - 6, y), f"{t:g}", fill="black", font=small, anchor="rm")
+        draw.rectangle((x0, y0, x0 + w, y0 + h), outline="black")
+        for e in epoch_ticks:
+            draw.line([(at_x(e), y0 + h), (at_x(e), y0 + h + 4)], fill="black")
+            draw.text((at_x(e), y0 + h + 6), str(e), fill="black", font=small, anchor="mt")
+        draw.text((x0 + w / 2, y0 + h + 22), "epoch", fill="black", font=small, anchor="mt")
+        legend_x = x0
         for color, (name, vs) in zip(COLORS, ys.items()):
-            pts = [(x + dx, y0 + 240 - 240 * (v - lo) / (hi - lo)) for x, v in zip(xs, vs)
+            pts = [(at_x(e), y0 + h - h * (v - lo) / (hi - lo)) for e, v in zip(epochs, vs)
                    if v is not None]
             draw.line(pts, fill=color, width=2)  # nothing for a single point
             for x, y in pts:
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-            draw.text((legend_x, y0 + 246), name, fill=color, font=small)
+            draw.text((legend_x, y0 + h + 40), name, fill=color, font=small)
             legend_x += draw.textlength(name, font=small) + 24
     return img
 
@@ -1921,7 +1933,7 @@ def benchmark(cfg: Config, cli_values: dict, rounds=None) -> dict:
     repeats, warmup = rounds or ((30, 5) if cuda else (7, 2))  # timed, warm-up
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # for the deterministic job
     cfg = dataclasses.replace(cfg, img_size=S, batch_size=B)
-    model = build_model(cfg, 7, "none", device)
+    model = build_model(cfg, 7, cfg.pretrained, device)
     model.queue.enqueue(F.normalize(torch.randn_like(model.queue.feats), dim=1),
                         torch.arange(cfg.queue_size, device=device) % 7)  # full: CUEM runs
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], fused=cuda)
@@ -2047,6 +2059,8 @@ def build_parser() -> ArgParser:
     parser.add_argument("--benchmark", action="store_true", help="measure the steps' speed")
     return parser
 
+BENCHMARK_FLAGS = {"device", "img_size", "batch_size", "arm", "head_bn", "pretrained",
+                   "queue_size", "augment", "compile", "workers", "seed"}
 RESUME_FLAGS = {"epochs", "device", "workers", "log_every", "out", "cache", "resume"}
 
 def validate(cfg: Config, cli_values: dict) -> None:
@@ -2110,9 +2124,12 @@ def run_command(argv=None) -> dict:
                                        **cli_values}, RESUME_FLAGS)
         validate(cfg, {})
         return train(cfg, ckpt)
+    extra = sorted(cli_values.keys() - BENCHMARK_FLAGS) if "benchmark" in args else []
+    if extra:
+        raise UserError(f"--{extra[0].replace('_', '-')} does not apply to --benchmark")
     cfg = make_config(cli_values)
     validate(cfg, cli_values)
-    return benchmark(cfg, cli_values) if args.get("benchmark") else train(cfg)
+    return benchmark(cfg, cli_values) if "benchmark" in args else train(cfg)
 
 def main(argv=None) -> dict:
     """The command line. A user's mistake: one line, exit 2; --predict skipped an image: 1."""

@@ -1766,7 +1766,7 @@ print(json.dumps(dict(probs=model(x).tolist(), imported="fer_supcon" in sys.modu
 @slow
 def test_benchmark_reports_every_figure_on_this_cpu(capsys):
     cfg = fs.Config(device="cpu", img_size=64, batch_size=8, queue_size=64, arm=False,
-                    workers=0)
+                    workers=0, pretrained="none")
     res = fs.benchmark(cfg, {"img_size": 64, "batch_size": 8}, rounds=(1, 0))
     figures = ("baseline_samples_per_s", "full_samples_per_s", "deterministic_samples_per_s",
                "augment_samples_per_s", "inference_images_per_s",
@@ -1818,6 +1818,8 @@ BAD_INPUT = {  # case: (arguments, the message's key part)
     "noise and label file": (RAF_EMPTY + ["--train-labels", "x", "--label-noise", "0.2"],
                              "give one"),
     "two commands": (["--eval", "x.pt", "--benchmark"], "give one command at a time"),
+    "flag the benchmark ignores": (["--benchmark", "--lr", "0.1"],
+                                   "--lr does not apply to --benchmark"),
     "csv without predict": (["--csv", "x.csv"], "--csv applies to --predict only"),
     "predict without checkpoint": (["--predict", "x.jpg"], "needs --checkpoint"),
     "checkpoint missing": (["--predict", "{tmp}/bad.jpg", "--checkpoint", "{tmp}/no.pt"],
@@ -1935,25 +1937,16 @@ class FakeGPU(torch.overrides.TorchFunctionMode):
         device tensors (Adam's step counters)."""
         return [event for step, event in self.events if step > 1]
 
-    def in_step(self, function):
-        """function, with the recording armed while it runs."""
-        def armed(*args, **kwargs):
-            self.steps += function.__name__ == "two_views"  # a step starts with its views
-            was, self.armed = self.armed, True
+    def recording(self, function, armed=True):
+        """function, with the recording armed (a step's part) or not (the host's) as it runs."""
+        def wrapper(*args, **kwargs):
+            self.steps += armed and function.__name__ == "two_views"  # a step's first part
+            was, self.armed = self.armed, armed
             try:
                 return function(*args, **kwargs)
             finally:
                 self.armed = was
-        return armed
-
-    def outside_step(self, function):
-        def disarmed(*args, **kwargs):
-            was, self.armed = self.armed, False
-            try:
-                return function(*args, **kwargs)
-            finally:
-                self.armed = was
-        return disarmed
+        return wrapper
 
 
 def fake_backward(loss, *args, **kwargs):
@@ -2003,9 +1996,9 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: True)
     monkeypatch.setattr(torch.cuda.amp.common, "amp_definitely_not_available", lambda: False)
     for name in ("train_step", "two_views"):
-        monkeypatch.setattr(fs, name, gpu.in_step(getattr(fs, name)))
-    monkeypatch.setattr(fs.EpochTally, "add", gpu.in_step(fs.EpochTally.add))
-    monkeypatch.setattr(fs.EpochTally, "read", gpu.outside_step(fs.EpochTally.read))
+        monkeypatch.setattr(fs, name, gpu.recording(getattr(fs, name)))
+    monkeypatch.setattr(fs.EpochTally, "add", gpu.recording(fs.EpochTally.add))
+    monkeypatch.setattr(fs.EpochTally, "read", gpu.recording(fs.EpochTally.read, armed=False))
     constants = fs.imagenet_constants  # made once per device: fake ones must not outlive this
     constants.cache_clear()
     with warnings.catch_warnings(), gpu:
@@ -2059,7 +2052,8 @@ def test_fake_gpu_training_run_keeps_every_step_free_of_host_syncs(fake_gpu, tmp
 def test_fake_gpu_benchmark_runs_every_job(fake_gpu, monkeypatch):
     monkeypatch.setattr(fs, "loader_benchmark", lambda *args: dict(
         loader_workers_images_per_s=1.0, loader_decode_jpeg_images_per_s=1.0))
-    cfg = fs.Config(device="cuda", img_size=64, batch_size=8, queue_size=32, workers=0)
+    cfg = fs.Config(device="cuda", img_size=64, batch_size=8, queue_size=32, workers=0,
+                    pretrained="none")
     res = fs.benchmark(cfg, {"img_size": 64, "batch_size": 8}, rounds=(1, 0))
     assert res["device"] == "a fake GPU"
 
