@@ -39,7 +39,7 @@ from PIL import Image
 import fer_supcon as fs
 
 warnings.filterwarnings("ignore", "Unknown pytest.mark.slow", pytest.PytestUnknownMarkWarning)
-slow = pytest.mark.slow  # an end-to-end run of the command line: `-m "not slow"` skips them
+slow = pytest.mark.slow  # end-to-end runs, fresh interpreters, variants: `-m "not slow"` skips them
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 HERE = Path(__file__).parent
@@ -611,6 +611,7 @@ def readme_section(title):
     return text[start:end if end > 0 else None]
 
 
+@slow  # a fresh interpreter
 def test_readme_snippet_prints_what_the_readme_says():
     section = readme_section("Using the pieces")
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
@@ -2018,8 +2019,9 @@ STEP_MODES = {  # name: train_step's options (x_k None: the baseline's single vi
 }
 
 
-@pytest.mark.parametrize("mode,arm", [(mode, True) for mode in STEP_MODES]
-                         + [("defaults", False)])
+@pytest.mark.parametrize("mode,arm", [  # the variants' own wiring is in the fast tests above
+    (mode, True) if mode in ("baseline", "defaults") else pytest.param(mode, True, marks=slow)
+    for mode in STEP_MODES] + [pytest.param("defaults", False, marks=slow)])
 def test_fake_gpu_step_stays_on_the_device_without_host_syncs(fake_gpu, mode, arm):
     cfg = fs.Config(img_size=64, queue_size=32, arm=arm)
     model = fake_gpu_model(cfg, 7, "none", "cuda")
@@ -2038,6 +2040,7 @@ def test_fake_gpu_step_stays_on_the_device_without_host_syncs(fake_gpu, mode, ar
     assert model.queue.feats.dtype == torch.float32  # bf16 keys stored in float32
 
 
+@slow
 def test_fake_gpu_training_run_keeps_every_step_free_of_host_syncs(fake_gpu, tmp_path):
     # ARM (both test protocols), label noise (the tallies), precise BN (the refresh), CUEM
     res, text = run_main(["--data", "synthetic", "--synthetic-train", "40", "--synthetic-test",
