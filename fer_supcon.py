@@ -1456,6 +1456,7 @@ def run_export(file, path, cli_values: dict) -> dict:
     ckpt, card, cfg, _, model = open_checkpoint(path, cli_values, "export", ("device",))
     net = ExportedNet(model.float().cpu().to(memory_format=torch.contiguous_format), cfg.img_size)
     side = card["decode_size"]
+    imagenet_constants(torch.device("cpu"))  # made here: cached from the trace, they'd be fake
     program = torch.export.export(net.eval(), (torch.zeros(2, 3, side, side, dtype=torch.uint8),),
                                   dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     extra = {"fer_supcon.json": json.dumps(card)}

@@ -1765,6 +1765,17 @@ print(json.dumps(dict(probs=model(x).tolist(), imported="fer_supcon" in sys.modu
 
 
 @slow
+def test_export_as_a_process_first_call_leaves_real_normalisation_constants(tmp_path, arm_ckpt):
+    # a fresh process: the export's trace is the first to ask for the constants, and a fake
+    # tensor of the trace must not be what later eager calls get
+    fs.imagenet_constants.cache_clear()
+    res = fs.main(["--export", str(tmp_path / "m.pt2"), "--checkpoint", str(arm_ckpt),
+                   "--device", "cpu"])
+    mean, std = fs.imagenet_constants(torch.device("cpu"))
+    assert type(mean) is torch.Tensor and type(std) is torch.Tensor
+    assert type(res["max_diff"]) is float
+
+@slow
 def test_benchmark_reports_every_figure_on_this_cpu(capsys):
     cfg = fs.Config(device="cpu", img_size=64, batch_size=8, queue_size=64, arm=False,
                     workers=0, pretrained="none")
