@@ -514,9 +514,10 @@ def random_erase(x: torch.Tensor, gen: torch.Generator, uniform, p=0.5, area=(0.
 
 def affine_augment(x: torch.Tensor, size: int, gen: torch.Generator, rotate=10.0,
                    scale=(0.9, 1.1), translate=0.05) -> torch.Tensor:
-    """NOTE: departs from ARM's recipe - --augment affine (ours, README): a view of a uint8 batch -> normalised float (B, 3,
-    size, size): one grid_sample flips (p 0.5), rotates, scales and shifts while resizing;
-    Gaussian noise (std 5.5, p 0.25); then ARM's erasing at up to a quarter of the area."""
+    """NOTE: departs from ARM's recipe - --augment affine (ours, README): a view of a uint8
+    batch -> normalised float (B, 3, size, size): one grid_sample flips (p 0.5), rotates, scales
+    and shifts while resizing; Gaussian noise (std 5.5, p 0.25); then ARM's erasing at up to a
+    quarter of the area."""
     B, dev = x.shape[0], x.device
     def uniform():  # one U(0, 1) draw per sample, (B,)
         return torch.rand(B, generator=gen, device=dev)
