@@ -173,7 +173,7 @@ def build_trunk(pretrained: str = "none") -> nn.Sequential:
 class ARM(nn.Module):
     """Amending Representation Module (Shi & Zhu, arXiv 2103.10189), Fig. 2's top branch:
     (B, 512, s, s) -> logits (B, C). In eval mode g is the running mean, or with
-    eval_batch_mean=True the mean over the batch, as in the official test script."""
+    batch_g=True the mean over the batch, as in the official test script."""
 
     @staticmethod
     def sides(img_size: int) -> tuple[int, int]:
@@ -183,7 +183,7 @@ class ARM(nn.Module):
         map_side = math.ceil(img_size / 32)
         return map_side, (16 * map_side - 32) // 8 + 1
 
-    def __init__(self, num_classes: int, img_size: int = 224, eval_batch_mean: bool = False):
+    def __init__(self, num_classes: int, img_size: int = 224):
         super().__init__()
         self.map_side, self.out_side = ARM.sides(img_size)
         # one kernel, shared by the two arranged maps
@@ -195,16 +195,16 @@ class ARM(nn.Module):
         # --predict and --export, where one image has no batch; every test evaluation reports
         # the official protocol (g from each test batch of 64) and this one beside it
         self.register_buffer("running_g", torch.zeros(self.out_side, self.out_side))
-        self.momentum, self.eval_batch_mean = 0.1, eval_batch_mean
+        self.momentum = 0.1
 
-    def forward(self, f):  # f: (B, 512, s, s)
+    def forward(self, f, batch_g: bool = False):  # f: (B, 512, s, s)
         B = f.shape[0]
         s, o = self.map_side, self.out_side
         # feature arrangement: channel 256c + 16i + j at (h, w) -> map c, pixel (16h+i, 16w+j)
         x = F.pixel_shuffle(f, 16)  # (B, 2, 16s, 16s)
         y = self.de_albino(x.reshape(2 * B, 1, 16 * s, 16 * s))  # each map alone: (2B, 1, o, o)
         y = self.bn(y.reshape(B, 2, o, o))  # (B, 2, o, o)
-        if self.training or self.eval_batch_mean:
+        if self.training or batch_g:
             g = y.mean((0, 1))  # (o, o): the mean over the batch and both maps
             if self.training:
                 with torch.no_grad():
@@ -221,7 +221,7 @@ class GAPClassifier(nn.Module):
         super().__init__()
         self.fc = nn.Linear(512, num_classes)
 
-    def forward(self, f):  # (B, 512, s, s) -> (B, C)
+    def forward(self, f, batch_g: bool = False):  # (B, 512, s, s) -> (B, C); no g: batch_g unused
         return self.fc(f.mean((2, 3)))  # a mean: its CUDA backward is deterministic
 
 def projection_head(dim: int = 128, batch_norm: bool = True) -> nn.Sequential:
@@ -452,9 +452,8 @@ def train_step(model, opt, x_q, x_k, y, *, lam, m, tau, theta, use_cuem, amp,
 
 @functools.cache
 def imagenet_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet's mean and std on the 0..255 scale, (1, 3, 1, 1), made once per device: a
-    tensor built from a list is a host-to-device copy, which on CUDA stalls the host until
-    the GPU has finished all earlier work."""
+    """ImageNet's mean and std on the 0..255 scale, (1, 3, 1, 1), made once per device: built
+    from a list, a CUDA tensor is a copy that waits for all earlier GPU work."""
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
     return mean, std
@@ -572,21 +571,18 @@ def host_memory_available() -> int:
     """Bytes the host can still give (Linux's MemAvailable); 0 where unknown."""
     try:
         with open("/proc/meminfo") as handle:
-            fields = dict(line.split(":", 1) for line in handle)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
+            return int(re.search(r"MemAvailable:\s*(\d+)", handle.read())[1]) * 1024
+    except (OSError, TypeError):  # TypeError: no MemAvailable line
         return 0
 
 def cache_placement(choice: str, device: torch.device, nbytes: int) -> str:
-    """Where a run's decoded images live: 'device' (its free memory, less GPU_HEADROOM on CUDA),
-    'host' (CUDA runs: host memory, batches copied through pinned memory), or 'workers'
-    (decoded again every epoch). --cache off: always the workers; on: an error if no cache
-    fits. NOTE: not in the paper - one decode, then no loader in the step."""
+    """Where a run's decoded images live: 'device' (a GPU's free memory less GPU_HEADROOM, or the
+    CPU's), 'host' (CUDA runs: host memory, batches through pinned memory), or 'workers'
+    (decoded every epoch; always with --cache off). NOTE: not in the paper - one decode."""
     host = 0.75 * host_memory_available()  # leave the system a quarter
-    if choice != "off" and device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-        if nbytes <= free - GPU_HEADROOM:
-            return "device"
+    gpu_free = torch.cuda.mem_get_info(device)[0] - GPU_HEADROOM if device.type == "cuda" else 0
+    if choice != "off" and nbytes <= gpu_free:
+        return "device"
     if choice != "off" and nbytes <= host:
         return "device" if device.type == "cpu" else "host"
     if choice == "on":
@@ -615,24 +611,23 @@ class Images:
     def batches(self, order: torch.Tensor, batch_size: int):
         """Yield (uint8 images (b, 3, s, s), indices (b,)) on the device: `order` in batches of
         batch_size, the last one partial; no step waits for the host."""
-        if self.placement != "workers":
-            order = order.to(self.x.device)  # the cache's device: the GPU's, or the host's
-            for i in range(0, len(order), batch_size):
-                x, idx = self.x[order[i:i + batch_size]], order[i:i + batch_size]
-                if self.placement == "host":  # pinned: the copies run while the GPU computes
-                    x, idx = x.pin_memory(), idx.pin_memory()
-                yield x.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)
-        else:
-            self.order[:] = [b.tolist() for b in order.split(batch_size)]
-            loader = iter(self.loader)
-            while True:
-                t0 = time.perf_counter()
-                try:
-                    x, _, idx = next(loader)
-                except StopIteration:
-                    return
-                self.wait_seconds += time.perf_counter() - t0
-                yield x.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)
+        source = self.from_workers(order, batch_size) if self.placement == "workers" else (
+            (self.x[idx], idx) for idx in order.to(self.x.device).split(batch_size))
+        for x, idx in source:
+            if self.placement == "host":  # pinned: the copies run while the GPU computes
+                x, idx = x.pin_memory(), idx.pin_memory()
+            yield x.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)
+
+    def from_workers(self, order: torch.Tensor, batch_size: int):
+        self.order[:] = [b.tolist() for b in order.split(batch_size)]
+        loader = iter(self.loader)
+        while True:
+            t0 = time.perf_counter()
+            x, _, idx = next(loader, (None, None, None))
+            self.wait_seconds += time.perf_counter() - t0
+            if x is None:
+                return
+            yield x, idx
 
 def placement_note(placement: str, choice: str, device, n: int, nbytes: int, side: int,
                    seconds: float, ds, workers: int) -> str:
@@ -801,18 +796,17 @@ class EpochTally:
     """An epoch's sums, kept on the device so that the step never waits for the host, and read
     once per progress line: the losses, CUEM's relabels (all, right, per new class), the noisy
     labels seen and restored, the first non-finite step. It also feeds the RelabelLog."""
-    SUMS = ("loss", "ce", "supcon", "relabelled", "relabelled_right", "noisy", "restored")
 
     def __init__(self, state: TrainState, epoch: int, lam: float, order: torch.Tensor):
         self.state, self.epoch, self.lam = state, epoch, lam
         self.lr = state.opt.param_groups[0]["lr"]
         self.steps = math.ceil(len(order) / state.cfg.batch_size)
         self.epoch_labels = state.train_ds.labels[order]  # host, in training order
-        device, C = state.device, len(state.train_ds.classes)
-        self.sums = {name: torch.zeros((), dtype=torch.float64, device=device)
-                     for name in self.SUMS}
-        self.relabelled_to = torch.zeros(C, dtype=torch.float64, device=device)  # (C,)
-        self.first_bad_step = torch.zeros((), dtype=torch.int64, device=device)  # 0: none
+        zero = torch.zeros((), dtype=torch.float64, device=state.device)
+        names = ("loss", "ce", "supcon", "relabelled", "relabelled_right", "noisy", "restored",
+                 "first_bad_step")  # first_bad_step: 0 while every loss is finite
+        self.sums = dict.fromkeys(names, zero)  # replaced, never changed in place
+        self.sums["relabelled_to"] = zero.repeat(len(state.train_ds.classes))  # (C,)
         self.seen = 0  # images trained on so far (from the batches' shapes: no sync)
         self.started = self.last_line = time.time()
         self.wait_at_start = state.train_images.wait_seconds
@@ -820,14 +814,14 @@ class EpochTally:
     def add(self, step: int, idx, result: StepOut) -> None:
         y, y_true = self.state.labels[idx], self.state.true_labels[idx]
         moved, right, noisy = result.y_fer != y, result.y_fer == y_true, y != y_true
+        first_bad = (self.sums["first_bad_step"] == 0) & ~result.loss.isfinite()
+        to_class = torch.zeros_like(self.sums["relabelled_to"]).index_add_(0, result.y_fer,
+                                                                          moved.double())
         step_sums = dict(loss=result.loss, ce=result.ce, supcon=result.supcon,
                          relabelled=moved.sum(), relabelled_right=(moved & right).sum(),
-                         noisy=noisy.sum(), restored=(noisy & right).sum())
-        for name, value in step_sums.items():
-            self.sums[name] += value
-        self.relabelled_to.index_add_(0, result.y_fer, moved.double())
-        bad = (self.first_bad_step == 0) & ~result.loss.isfinite()
-        self.first_bad_step.copy_(torch.where(bad, step + 1, self.first_bad_step))
+                         noisy=noisy.sum(), restored=(noisy & right).sum(),
+                         first_bad_step=first_bad * (step + 1), relabelled_to=to_class)
+        self.sums = {name: total + step_sums[name] for name, total in self.sums.items()}
         self.state.relabels.add(idx, y, result)
         self.seen += len(idx)
         if time.time() - self.last_line > self.state.cfg.log_every or step + 1 == self.steps:
@@ -836,16 +830,15 @@ class EpochTally:
 
     def read(self, steps: int) -> None:
         """The one host sync: the sums so far, as numbers in self.figures."""
-        values = torch.cat([torch.stack(list(self.sums.values())), self.relabelled_to,
-                            self.first_bad_step[None].double()]).tolist()
-        n = len(self.SUMS)
-        self.figures = dict(zip(self.SUMS, values[:n]), steps=steps, seen=self.seen,
-                            relabelled_to=[int(v) for v in values[n:-1]])
+        *totals, to_class = self.sums.values()
+        values = torch.cat([torch.stack(totals), to_class]).tolist()
+        self.figures = dict(zip(self.sums, values), steps=steps, seen=self.seen,
+                            relabelled_to=[int(v) for v in values[len(totals):]])
         self.seconds, self.last_line = time.time() - self.started, time.time()
         self.data_wait = self.state.train_images.wait_seconds - self.wait_at_start
-        if values[-1]:
+        if self.figures["first_bad_step"]:
             raise FloatingPointError(f"non-finite loss in epoch {self.epoch}, step "
-                                     f"{int(values[-1])}")
+                                     f"{int(self.figures['first_bad_step'])}")
 
     def progress_line(self) -> str:
         cfg, sums = self.state.cfg, self.figures
@@ -999,7 +992,6 @@ def logits_of(model, x: torch.Tensor, img_size: int, batch_size: int, amp=None) 
     ARM the two are one tensor. The model's mode is kept. NOTE: not in the paper - ARM's test
     protocol (test_raf-db.py: batches of 64, file order, eval mode) is the headline."""
     was_training, arm = model.training, isinstance(model.classifier, ARM)
-    batch_g = arm and model.classifier.eval_batch_mean
     model.eval()
     protocols = {"official": [], "batch_independent": []} if arm else {"official": []}
     with amp or torch.autocast("cpu", enabled=False):
@@ -1007,11 +999,8 @@ def logits_of(model, x: torch.Tensor, img_size: int, batch_size: int, amp=None) 
             xb = eval_transform(xb, img_size).contiguous(memory_format=torch.channels_last)
             f = model.encoder_q.trunk(xb)  # (b, 512, s, s)
             for name, chunks in protocols.items():
-                if arm:
-                    model.classifier.eval_batch_mean = name == "official"
-                chunks.append(model.classifier(f).float())  # (b, C)
-    if arm:
-        model.classifier.eval_batch_mean = batch_g
+                batch_g = name == "official"  # g from this batch (ARM), else the running g
+                chunks.append(model.classifier(f, batch_g=batch_g).float())  # (b, C)
     model.train(was_training)
     logits = {name: torch.cat(chunks) for name, chunks in protocols.items()}
     logits.setdefault("batch_independent", logits["official"])
@@ -1944,19 +1933,17 @@ def benchmark(cfg: Config, cli_values: dict, rounds=None) -> dict:
     x_q, x_k = two_views(cache, cfg, 0, 0, keys=True)
     y, amp = torch.randint(0, 7, (B,), device=device), autocast(device)
     step = dict(m=0.99, tau=0.1, theta=0.1, amp=amp)
-    def full_step():
-        return train_step(model, opt, x_q, x_k, y, lam=0.5, use_cuem=True, **step)
-    def deterministic_step():
-        torch.use_deterministic_algorithms(True)
+    def full_step(deterministic=False):
+        torch.use_deterministic_algorithms(deterministic)  # off again after the step
         try:
-            return full_step()
+            return train_step(model, opt, x_q, x_k, y, lam=0.5, use_cuem=True, **step)
         finally:
             torch.use_deterministic_algorithms(False)
     jobs = dict(
         baseline_samples_per_s=lambda: train_step(model, opt, x_q, None, y, lam=0.0,
                                                   use_cuem=False, **step),
         full_samples_per_s=full_step,
-        deterministic_samples_per_s=deterministic_step,
+        deterministic_samples_per_s=lambda: full_step(deterministic=True),
         augment_samples_per_s=lambda: two_views(cache, cfg, 0, 0, keys=True),
         inference_images_per_s=lambda: logits_of(model, cache, S, B, amp))
     times = {k: [] for k in jobs}
@@ -2051,14 +2038,15 @@ def build_parser() -> ArgParser:
         else:
             kind = float if f.name == "momentum" else type(f.default)
             parser.add_argument(flag, type=kind, choices=CHOICES.get(f.name), help=text)
-    parser.add_argument("--eval", metavar="CKPT", help="evaluate a checkpoint on the test split")
-    parser.add_argument("--predict", metavar="PATH", nargs="+",
-                        help="classify images: files, folders (recursive), globs")
+    command = parser.add_mutually_exclusive_group()  # one at a time; none: training
+    command.add_argument("--eval", metavar="CKPT", help="evaluate a checkpoint on the test split")
+    command.add_argument("--predict", metavar="PATH", nargs="+",
+                         help="classify images: files, folders (recursive), globs")
+    command.add_argument("--export", metavar="FILE", help="save the network with torch.export")
+    command.add_argument("--benchmark", action="store_true", help="measure the steps' speed")
     parser.add_argument("--checkpoint", metavar="CKPT", help="--predict's, --export's checkpoint")
     parser.add_argument("--top", type=int, metavar="K", help="--predict: print K (default 3)")
     parser.add_argument("--csv", metavar="FILE", help="--predict: write probabilities here")
-    parser.add_argument("--export", metavar="FILE", help="save the network with torch.export")
-    parser.add_argument("--benchmark", action="store_true", help="measure the steps' speed")
     return parser
 
 BENCHMARK_FLAGS = {"device", "img_size", "batch_size", "arm", "head_bn", "pretrained",
@@ -2100,23 +2088,24 @@ def run_command(argv=None) -> dict:
     """Parse the command line and run the one command it names (training by default)."""
     args = vars(build_parser().parse_args(argv))
     cli_values = {k: v for k, v in args.items() if k in Config.__dataclass_fields__}
-    commands = [c for c in ("predict", "eval", "export", "benchmark", "resume") if c in args]
-    if len(commands) > 1:
-        raise UserError(f"--{commands[0]} and --{commands[1]}: give one command at a time")
+    command = next((c for c in ("predict", "eval", "export", "benchmark") if c in args), "")
     for flag, needs in (("checkpoint", ("predict", "export")), ("top", ("predict",)),
                         ("csv", ("predict",))):
-        if flag in args and not set(needs) & set(commands):
+        if flag in args and command not in needs:
             raise UserError(f"--{flag} applies to --{' and --'.join(needs)} only")
-    if ("predict" in args or "export" in args) and "checkpoint" not in args:
-        raise UserError(f"--{commands[0]} needs --checkpoint CKPT (a best.pt or last.pt)")
+    if command in ("predict", "export") and "checkpoint" not in args:
+        raise UserError(f"--{command} needs --checkpoint CKPT (a best.pt or last.pt)")
     if args.get("top", 3) < 1:
         raise UserError(f"--top {args['top']}: expected at least 1")
-    if "export" in args:
+    extra = sorted(cli_values.keys() - BENCHMARK_FLAGS) if command == "benchmark" else []
+    if extra:
+        raise UserError(f"--{extra[0].replace('_', '-')} does not apply to --benchmark")
+    if command == "export":
         return run_export(args["export"], args["checkpoint"], cli_values)
-    if "predict" in args:
+    if command == "predict":
         return run_predict(args["predict"], args["checkpoint"], cli_values, args.get("top", 3),
                            args.get("csv"))
-    if "eval" in args:
+    if command == "eval":
         return run_eval(args["eval"], cli_values)
     if "resume" in cli_values:
         ckpt = load_checkpoint(cli_values["resume"])
@@ -2126,12 +2115,9 @@ def run_command(argv=None) -> dict:
                                        **cli_values}, RESUME_FLAGS)
         validate(cfg, {})
         return train(cfg, ckpt)
-    extra = sorted(cli_values.keys() - BENCHMARK_FLAGS) if "benchmark" in args else []
-    if extra:
-        raise UserError(f"--{extra[0].replace('_', '-')} does not apply to --benchmark")
     cfg = make_config(cli_values)
     validate(cfg, cli_values)
-    return benchmark(cfg, cli_values) if "benchmark" in args else train(cfg)
+    return benchmark(cfg, cli_values) if command == "benchmark" else train(cfg)
 
 def main(argv=None) -> dict:
     """The command line. A user's mistake: one line, exit 2; --predict skipped an image: 1."""

@@ -682,8 +682,7 @@ def test_arm_running_g_makes_an_answer_independent_of_its_batch():
 
 def test_arm_official_test_time_g_depends_on_the_batch():
     arm, f = trained_arm(), torch.randn(8, 512, 3, 3)
-    arm.eval_batch_mean = True
-    assert not torch.allclose(arm(f)[:4], arm(f[:4]), atol=1e-3)
+    assert not torch.allclose(arm(f, batch_g=True)[:4], arm(f[:4], batch_g=True), atol=1e-3)
 
 
 def test_arm_rejects_an_input_side_under_64():
@@ -1829,7 +1828,9 @@ BAD_INPUT = {  # case: (arguments, the message's key part)
     "root with synthetic": (["--root", "{tmp}/empty"], "--root applies to --data rafdb |"),
     "noise and label file": (RAF_EMPTY + ["--train-labels", "x", "--label-noise", "0.2"],
                              "give one"),
-    "two commands": (["--eval", "x.pt", "--benchmark"], "give one command at a time"),
+    "two commands": (["--eval", "x.pt", "--benchmark"], "not allowed with argument --eval"),
+    "resume and a command": (["--resume", "x.pt", "--benchmark"],
+                             "--resume does not apply to --benchmark"),
     "flag the benchmark ignores": (["--benchmark", "--lr", "0.1"],
                                    "--lr does not apply to --benchmark"),
     "csv without predict": (["--csv", "x.csv"], "--csv applies to --predict only"),
