@@ -1148,7 +1148,7 @@ def model_card(cfg: Config, classes, row=None) -> dict:
 
 def save_outputs(state: TrainState) -> None:
     """The run folder's files (README, 'Using a trained model'), each written atomically:
-    last.pt, best.pt (a hard link to it), metrics.jsonl and summary.json every epoch; the
+    last.pt, best.pt, metrics.jsonl and summary.json every epoch; the
     figures and relabels.csv too, unless they cost more than a tenth of the epoch's training
     time, then every k epochs and after the last. The epoch's row gets the seconds this took
     (its copy in the checkpoint has None there)."""
@@ -1162,8 +1162,11 @@ def save_outputs(state: TrainState) -> None:
                       rng=torch.get_rng_state(), relabels=vars(state.relabels),
                       card=model_card(cfg, classes, row))
     atomic_write(state.out / "last.pt", lambda tmp: torch.save(checkpoint, tmp))
-    if summary["best_epoch"] == row["epoch"]:
-        link_or_save(state.out / "last.pt", state.out / "best.pt", checkpoint)
+    if summary["best_epoch"] == row["epoch"]:  # a hard link to last.pt: no second serialisation
+        try:
+            atomic_write(state.out / "best.pt", lambda tmp: os.link(state.out / "last.pt", tmp))
+        except OSError:  # a file system without hard links
+            atomic_write(state.out / "best.pt", lambda tmp: torch.save(checkpoint, tmp))
     if row["epoch"] == cfg.epochs or row["epoch"] >= state.figures_due:
         t1 = time.time()
         write_png(state.out / "curves.png", draw_curves(state.history, cfg.data))
@@ -1180,17 +1183,6 @@ def save_outputs(state: TrainState) -> None:
     row["output_seconds"] = time.time() - t0
     write_text(state.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
     write_text(state.out / "summary.json", json.dumps(summary, indent=1) + "\n")
-
-def link_or_save(source: Path, path: Path, checkpoint: dict) -> None:
-    """path := the file just written to source, as a hard link (no second serialisation);
-    where links do not exist, written again."""
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        os.link(source, tmp)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        atomic_write(path, lambda t: torch.save(checkpoint, t))
 
 def summarize(history: list, classes, cfg: Config) -> dict:
     """The numbers people quote: final epoch, best epoch (the first), last five epochs, under
