@@ -1191,6 +1191,17 @@ def test_cache_placement_on_a_gpu_takes_its_free_memory_then_pinned_host(monkeyp
     assert fs.cache_placement("auto", cuda, 80 * 2 ** 30) == "workers"
 
 
+@pytest.mark.parametrize("placement", ["host", "workers"])
+def test_every_image_placement_yields_the_cached_batches_in_order(placement, monkeypatch):
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # pinning needs a GPU
+    ds = fs.SyntheticFaces(10, "test", 32)
+    order = torch.tensor([3, 1, 4, 0, 9, 2, 6])
+    cached = list(fs.Images(ds, CPU, "device", 0).batches(order, 3))
+    batches = list(fs.Images(ds, CPU, placement, 0).batches(order, 3))
+    assert [idx.tolist() for _, idx in batches] == [[3, 1, 4], [0, 9, 2], [6]]
+    assert all(torch.equal(x, x_cached) for (x, _), (x_cached, _) in zip(batches, cached))
+
+
 # ---- The numbers people quote ---------------------------------------------------------------
 
 def test_scores_match_a_confusion_matrix_worked_by_hand():
