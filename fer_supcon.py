@@ -611,14 +611,17 @@ class Images:
     def batches(self, order: torch.Tensor, batch_size: int):
         """Yield (uint8 images (b, 3, s, s), indices (b,)) on the device: `order` in batches of
         batch_size, the last one partial; no step waits for the host."""
-        source = self.from_workers(order, batch_size) if self.placement == "workers" else (
-            (self.x[idx], idx) for idx in order.to(self.x.device).split(batch_size))
+        if self.placement == "workers":
+            source = self.from_workers(order, batch_size)
+        else:  # the cache's device: the GPU's, or the host's
+            source = ((self.x[idx], idx) for idx in order.to(self.x.device).split(batch_size))
         for x, idx in source:
             if self.placement == "host":  # pinned: the copies run while the GPU computes
                 x, idx = x.pin_memory(), idx.pin_memory()
             yield x.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)
 
     def from_workers(self, order: torch.Tensor, batch_size: int):
+        """The workers' host batches in `order`; the time spent waiting for each is counted."""
         self.order[:] = [b.tolist() for b in order.split(batch_size)]
         loader = iter(self.loader)
         while True:

@@ -1785,6 +1785,7 @@ def test_export_as_a_process_first_call_leaves_real_normalisation_constants(tmp_
     assert type(mean) is torch.Tensor and type(std) is torch.Tensor
     assert type(res["max_diff"]) is float
 
+
 @slow
 def test_benchmark_reports_every_figure_on_this_cpu(capsys):
     cfg = fs.Config(device="cpu", img_size=64, batch_size=8, queue_size=64, arm=False,
