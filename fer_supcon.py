@@ -7,9 +7,9 @@ another class of the queue beats its own class's by more than theta.
 
     python fer_supcon.py --data synthetic            # no download: minutes on a 2-core CPU
     python fer_supcon.py --data rafdb --root RAF-DB  # the paper's setting, one GPU
-    python fer_supcon.py --eval runs/X/best.pt       # accuracy, confusion, batch dependence
+    python fer_supcon.py --eval runs/X/best.pt       # both test protocols, confusion matrix
     python fer_supcon.py --predict faces/ --checkpoint runs/X/best.pt   # or --export model.pt2
-    python fer_supcon.py --benchmark                 # step, augmentation, loader speed
+    python fer_supcon.py --benchmark                 # the steps' speed, side by side
 
 Defaults: the paper's text where it speaks; where it is silent, the code it builds on (ARM's
 scripts, MoCo, SupContrast), else ours. `NOTE: not in the paper` marks a silent choice and its
@@ -30,9 +30,7 @@ import os
 import platform
 import re
 import sys
-import tempfile
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +63,6 @@ LAYOUTS = dict(  # README, 'Datasets', has them in full
             "ROOT/FER2013{Train,Test}/ with PNGs and a label.csv of vote rows")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GPU_HEADROOM = 16 * 2 ** 30  # GPU memory a cache leaves free for training
-PRECISE_BN_IMAGES = 2048  # --precise-bn's training images
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "config", "classes", "history",
                    "rng", "relabels", "card"}
 CROPS = dict(rafdb="RAF-DB aligned 100x100 face crops", affectnet="AffectNet face boxes, cropped",
@@ -97,7 +94,6 @@ class Config:
     arm: bool = True  # ARM as the top branch (Sec. II); --no-arm: GAP + linear
     head_bn: bool = True  # BatchNorm in the projection head (SimCLR v2, MoCo v3; README)
     test_batch_size: int = 64  # test batches in file order (ARM's test script)
-    precise_bn: bool = False  # option: BatchNorm statistics recomputed before each test
     # II-A supervised contrastive learning
     queue_size: int = 8192  # K, the queue's slots (Sec. II-A)
     momentum: float | None = None  # m of the key encoder; none: 1 - B / K (ours, README)
@@ -109,7 +105,6 @@ class Config:
     theta: float = 0.1  # theta of CUEM (Sec. II-B)
     cuem: bool = True  # CUEM's relabelling (Table II)
     cuem_start: int = 10  # CUEM's first epoch (SCN's relabelling start)
-    cuem_two_views: bool = False  # option: CUEM's S averaged over z_q and the key view's z_k
     # II-C objective, III-B optimiser
     alpha: float = 30.0  # alpha of Eq. (4)
     beta: float = 1e-4  # beta of Eq. (4)
@@ -278,9 +273,8 @@ def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
                                                   for n in params_q):
         raise ValueError("momentum_update needs two modules with the same parameters "
                          "(names and shapes)")
-    names = list(params_q)
-    # one multi-tensor kernel on CUDA: w_k + (1 - m)(w_q - w_k) for every pair at once
-    torch._foreach_lerp_([params_k[n] for n in names], [params_q[n] for n in names], 1 - m)
+    for name, w_q in params_q.items():
+        params_k[name].lerp_(w_q, 1 - m)  # w_k + (1 - m)(w_q - w_k)
 
 def key_momentum(batch_size: int, queue_size: int) -> float:
     """m when --momentum is not given. NOTE: not in the paper - m = 1 - B / K, so that the key
@@ -358,19 +352,17 @@ def supcon_loss(q, q_labels, keys, key_labels, tau=0.1, reduction="mean"):
 def cuem(q, labels, queue, queue_labels, num_classes, theta=0.1):
     """Fig. 3. For each query and each class c present in the queue (K, D): S_c = the mean
     cosine similarity to the queue entries of class c; u = max_c S_c - S_label. Where
-    u > theta the label becomes argmax_c S_c. q: (N, D), or (V, N, D) for V views of each
-    sample, whose S are averaged. Returns (labels (N,), u (N,)); u = 0 when the sample's own
-    class is not in the queue."""
-    views = q[None] if q.dim() == 2 else q  # (V, N, D)
-    bad_queue = views.shape[2] != queue.shape[1] or len(queue) != len(queue_labels)
-    if bad_queue or views.shape[1] != len(labels):
-        raise ValueError(f"cuem needs q (N, D) or (V, N, D) with N labels, a queue (K, D) with K "
-                         f"labels; got {tuple(q.shape)}, {tuple(queue.shape)}")
-    views, queue = F.normalize(views.float(), dim=2), F.normalize(queue.float(), dim=1)
+    u > theta the label becomes argmax_c S_c. q: (N, D). Returns (labels (N,), u (N,)); u = 0
+    when the sample's own class is not in the queue."""
+    bad_queue = q.shape[1] != queue.shape[1] or len(queue) != len(queue_labels)
+    if bad_queue or len(q) != len(labels):
+        raise ValueError(f"cuem needs q (N, D) with N labels, a queue (K, D) with K labels; got "
+                         f"{tuple(q.shape)}, {tuple(queue.shape)}")
+    q, queue = F.normalize(q.float(), dim=1), F.normalize(queue.float(), dim=1)
     filled = queue_labels >= 0  # (K,)
     onehot = F.one_hot(queue_labels.clamp(min=0), num_classes).float() * filled[:, None]  # (K, C)
     count = onehot.sum(0)  # (C,): entries per class
-    S = (views @ queue.T @ onehot).mean(0) / count.clamp(min=1)  # (N, C): S_cos, view mean
+    S = q @ queue.T @ onehot / count.clamp(min=1)  # (N, C): S_cos
     present = count > 0  # (C,)
     s_max, c_max = S.masked_fill(~present, -torch.inf).max(1)  # S_cos_max and its class, (N,)
     s_own = S.gather(1, labels[:, None]).squeeze(1)  # S_cos_zq, (N,)
@@ -405,8 +397,7 @@ class StepOut(NamedTuple):  # device tensors
     cuem_ran: torch.Tensor  # bool scalar: CUEM ran in this step (it waits for a full queue)
 
 def train_step(model, opt, x_q, x_k, y, *, lam, m, tau, theta, use_cuem, amp,
-               supcon_reduction="mean", cuem_two_views=False,
-               skip_relabelled_anchors=False) -> StepOut:
+               supcon_reduction="mean", skip_relabelled_anchors=False) -> StepOut:
     """One step of Sec. II, L_total = L_FER + lambda L_sup (Eq. 3), on views x_q, x_k (B, 3, S,
     S) (x_k None: the baseline, no key branch) and annotation y (B,); no host sync."""
     # NOTE: not in the paper - the classifier sees the query view (one trunk pass feeds both)
@@ -424,10 +415,8 @@ def train_step(model, opt, x_q, x_k, y, *, lam, m, tau, theta, use_cuem, amp,
                 z_k = model.encoder_k(x_k)[1]  # (B, 128)
         queue = model.queue  # NOTE: not in the paper - the contrast set: the queue as it was
         if use_cuem:
-            z = z_q.detach()
-            if cuem_two_views:  # NOTE: departs from the paper's text (S from z^q) - README
-                z = torch.stack([z, z_k])  # (2, B, 128): S averaged over both views
-            cuem_labels, cuem_u = cuem(z, y, queue.feats, queue.labels, logits.shape[1], theta)
+            cuem_labels, cuem_u = cuem(z_q.detach(), y, queue.feats, queue.labels,
+                                       logits.shape[1], theta)  # Fig. 3: S from z^q
             # NOTE: not in the paper - CUEM waits for a full queue, writes nothing back
             cuem_ran = queue.is_full()
             y_fer, u = torch.where(cuem_ran, cuem_labels, y), torch.where(cuem_ran, cuem_u, 0.0)
@@ -560,12 +549,25 @@ def epoch_order(labels: torch.Tensor, sampler: str, seed: int, epoch: int) -> to
         return torch.multinomial(weights, len(labels), replacement=True, generator=gen)
     return torch.randperm(len(labels), generator=gen)
 
-def decode_all(ds, workers: int) -> torch.Tensor:
-    """Decode a whole split once, in `workers` processes: uint8 (N, 3, s, s)."""
-    images = torch.empty(len(ds), 3, ds.size, ds.size, dtype=torch.uint8)
-    for x, _, idx in torch.utils.data.DataLoader(ds, batch_size=128, num_workers=workers):
-        images[idx] = x
-    return images
+def decode_all(ds, workers: int, keep: bool = True):
+    """Decode a whole split once, in `workers` processes: (uint8 (N, 3, s, s), or None when not
+    kept, and the messages of the images that cannot be read, all of them in one pass)."""
+    images = torch.empty(len(ds), 3, ds.size, ds.size, dtype=torch.uint8) if keep else None
+    unreadable = []
+    for x, idx, errors in torch.utils.data.DataLoader(Readable(ds), batch_size=128,
+                                                      num_workers=workers):
+        if keep:
+            images[idx] = x
+        unreadable += [e for e in errors if e]
+    return images, unreadable
+
+def refuse_unreadable(*splits: Images) -> None:
+    """One error for all the images of these splits that cannot be read, before any training."""
+    bad = [message for split in splits for message in split.unreadable]
+    if bad:
+        n = sum(split.n for split in splits)
+        raise UserError(f"{len(bad)} of {n} images cannot be read (nothing was trained or "
+                        f"written); the first {min(3, len(bad))}: " + "; ".join(bad[:3]))
 
 def host_memory_available() -> int:
     """Bytes the host can still give (Linux's MemAvailable); 0 where unknown."""
@@ -596,12 +598,17 @@ class Images:
     the host's with batches copied through pinned memory on CUDA) or from loader workers."""
 
     def __init__(self, ds, device, placement: str, workers: int, x=None):
-        self.device, self.placement, self.x = device, placement, x  # x: (N, 3, s, s) uint8
+        self.device = device
+        self.placement = placement
+        self.x = x  # (N, 3, s, s) uint8
+        self.n = len(ds) if x is None else len(x)  # images
+        self.unreadable = []  # the images that cannot be read (refuse_unreadable)
         self.wait_seconds = 0.0  # time spent waiting for the workers' next batch
-        if x is None and placement != "workers":
-            self.x = decode_all(ds, workers)  # (N, 3, s, s), host
-            self.x = self.x.to(device) if placement == "device" else self.x
-        elif x is None:
+        if x is None:  # decoded once: the cache, or (workers) a check that every image reads
+            self.x, self.unreadable = decode_all(ds, workers, keep=placement != "workers")
+        if placement == "device":
+            self.x = self.x.to(device)  # (N, 3, s, s)
+        if placement == "workers":
             self.order = []  # the coming pass's batches: set before it, read by the workers
             self.loader = torch.utils.data.DataLoader(
                 ds, batch_sampler=self.order, num_workers=workers,
@@ -633,7 +640,7 @@ class Images:
             yield x, idx
 
 def placement_note(placement: str, choice: str, device, n: int, nbytes: int, side: int,
-                   seconds: float, ds, workers: int) -> str:
+                   seconds: float, workers: int) -> str:
     """The banner's line on where a run's n images live and at what rate they come."""
     size = f"{n:,} images, {nbytes / 2 ** 30:.2f} GiB at {side} px"
     rate = f"decoded in {seconds:.1f} s, {n / max(seconds, 1e-9):,.0f} images/s"
@@ -642,13 +649,9 @@ def placement_note(placement: str, choice: str, device, n: int, nbytes: int, sid
     if placement == "host":
         return (f"images decoded once into host memory ({size}; {rate}); batches go to the GPU "
                 "through pinned memory")
-    t0, sample = time.time(), range(min(64, len(ds)))
-    for i in sample:  # the workers' rate, estimated from 64 images decoded here
-        ds.image(i)
-    rate = max(workers, 1) * len(sample) / max(time.time() - t0, 1e-9)
     why = "--cache off" if choice == "off" else "no cache fits"
-    return (f"images decoded every epoch by {workers} workers ({size}; {why}): about "
-            f"{rate:,.0f} images/s (64 decoded here, x {max(workers, 1)})")
+    return (f"images decoded every epoch by {workers} workers ({size}; {why}); a first pass "
+            f"checked that all read: {rate}")
 
 def trained_images(n: int, batch_size: int) -> int:
     """How many of an epoch's n images are trained on. NOTE: not in the paper - all of them,
@@ -676,7 +679,6 @@ def train(cfg: Config, ckpt=None) -> dict:
                                     m=cfg.momentum, tau=cfg.tau, theta=cfg.theta,
                                     use_cuem=use_cuem, amp=autocast(state.device),
                                     supcon_reduction=cfg.supcon_reduction,
-                                    cuem_two_views=cfg.cuem_two_views,
                                     skip_relabelled_anchors=cfg.skip_relabelled_anchors)
                 tally.add(step, idx, result)  # sums on the device; a progress line when due
             state.sched.step()  # the learning rate x 0.9 after every epoch (Sec. III-B)
@@ -764,9 +766,6 @@ class TrainState:
             notes.append(f"{len(ds)} training images = {len(ds) // cfg.batch_size} batches of "
                          f"{cfg.batch_size} + 1: each epoch leaves its last image out (a batch "
                          "of one cannot train BatchNorm)")
-        self.out.mkdir(parents=True, exist_ok=True)
-        if cfg.label_noise > 0:
-            write_noisy_labels(ds, self.out / "noisy_labels.txt")
         n = len(ds) + len(self.test_ds)
         placement = cache_placement(cfg.cache, device, n * 3 * size ** 2)
         notes.append(f"evaluation: {statistics_text(cfg)}; output {self.out}")
@@ -774,8 +773,12 @@ class TrainState:
         t0 = time.time()
         self.train_images = Images(ds, device, placement, cfg.workers)
         self.test_images = Images(self.test_ds, device, placement, cfg.workers)
+        refuse_unreadable(self.train_images, self.test_images)
         print("note: " + placement_note(placement, cfg.cache, device, n, n * 3 * size ** 2,
-                                        size, time.time() - t0, ds, cfg.workers))
+                                        size, time.time() - t0, cfg.workers))
+        self.out.mkdir(parents=True, exist_ok=True)  # written to once every image reads
+        if cfg.label_noise > 0:
+            write_noisy_labels(ds, self.out / "noisy_labels.txt")
         self.loader_noted = False  # the note that the workers cannot keep up, once
         self.figures_due = 1  # the epoch whose outputs include the figures (save_outputs)
         imagenet_constants(self.labels.device)  # before the first step: a copy to the device
@@ -801,7 +804,9 @@ class EpochTally:
     labels seen and restored, the first non-finite step. It also feeds the RelabelLog."""
 
     def __init__(self, state: TrainState, epoch: int, lam: float, order: torch.Tensor):
-        self.state, self.epoch, self.lam = state, epoch, lam
+        self.state = state
+        self.epoch = epoch
+        self.lam = lam
         self.lr = state.opt.param_groups[0]["lr"]
         self.steps = math.ceil(len(order) / state.cfg.batch_size)
         self.epoch_labels = state.train_ds.labels[order]  # host, in training order
@@ -816,7 +821,9 @@ class EpochTally:
 
     def add(self, step: int, idx, result: StepOut) -> None:
         y, y_true = self.state.labels[idx], self.state.true_labels[idx]
-        moved, right, noisy = result.y_fer != y, result.y_fer == y_true, y != y_true
+        moved = result.y_fer != y  # relabelled by CUEM
+        right = result.y_fer == y_true
+        noisy = y != y_true
         first_bad = (self.sums["first_bad_step"] == 0) & ~result.loss.isfinite()
         to_class = torch.zeros_like(self.sums["relabelled_to"]).index_add_(0, result.y_fer,
                                                                           moved.double())
@@ -875,13 +882,11 @@ def evaluate_epoch(state: TrainState, tally: EpochTally) -> dict:
     """After an epoch's steps: the test evaluation (both of ARM's protocols), the metrics row."""
     cfg, sums = state.cfg, tally.figures
     t0 = time.time()
-    if cfg.precise_bn:  # NOTE: departs from the field's protocol (README)
-        order = epoch_order(state.train_ds.labels, cfg.sampler, cfg.seed, 0)[:PRECISE_BN_IMAGES]
-        refresh_norm_stats(state.model, state.train_images, order, cfg.img_size,
-                           min(cfg.batch_size, len(order)), autocast(state.device))
     conf = evaluate(state.model, state.test_images, state.test_ds.labels, cfg.img_size,
                     cfg.test_batch_size, len(state.test_ds.classes))
-    n, seen, steps = sums["relabelled"], sums["seen"], sums["steps"]
+    n = sums["relabelled"]
+    seen = sums["seen"]
+    steps = sums["steps"]
     row = dict(epoch=tally.epoch, lr=tally.lr, lam=tally.lam, loss=sums["loss"] / steps,
                ce=sums["ce"] / steps, supcon=sums["supcon"] / steps, relabelled=int(n),
                relabel_share=n / seen, relabelled_to=sums["relabelled_to"],
@@ -940,9 +945,8 @@ def decode_size(cfg: Config) -> int:
 
 def statistics_text(cfg: Config) -> str:
     """The evaluation protocol of a run or checkpoint, in words (banner, card, --eval)."""
-    text = (f"BatchNorm statistics recomputed over <= {PRECISE_BN_IMAGES} training images"
-            if cfg.precise_bn else "eval mode with PyTorch's running BatchNorm statistics")
-    text += f", test batches of {cfg.test_batch_size} in file order"
+    text = ("eval mode with PyTorch's running BatchNorm statistics, test batches of "
+            f"{cfg.test_batch_size} in file order")
     if cfg.arm:
         text += ("; ARM's g from each test batch (ARM's test script: the headline) and, beside "
                  "it, ARM's running g (batch-independent: --predict, --export)")
@@ -1008,26 +1012,6 @@ def logits_of(model, x: torch.Tensor, img_size: int, batch_size: int, amp=None) 
     logits = {name: torch.cat(chunks) for name, chunks in protocols.items()}
     logits.setdefault("batch_independent", logits["official"])
     return logits
-
-@torch.no_grad()
-def refresh_norm_stats(model: FERSupCon, images: Images, order: torch.Tensor, img_size: int,
-                       batch_size: int, amp=None) -> None:
-    """--precise-bn: the statistics inference reads (BatchNorms, ARM's g) := their mean over the
-    batches of `order` for the current weights (momentum 1 / (i + 1)); the mode is kept."""
-    layers = [mod for part in (model.encoder_q.trunk, model.classifier) for mod in part.modules()
-              if isinstance(mod, (nn.modules.batchnorm._BatchNorm, ARM))]
-    momenta, was_training = [layer.momentum for layer in layers], model.training
-    model.train()  # each batch normalised by its own statistics, as in training
-    order = order[:trained_images(len(order), batch_size)]
-    for i, (x, _) in enumerate(images.batches(order, batch_size)):
-        for layer in layers:
-            layer.momentum = 1 / (i + 1)
-        with amp or torch.autocast("cpu", enabled=False):
-            x = eval_transform(x, img_size).contiguous(memory_format=torch.channels_last)
-            model.classifier.forward(model.encoder_q.trunk.forward(x))  # eager if compiled
-    for layer, momentum in zip(layers, momenta):
-        layer.momentum = momentum
-    model.train(was_training)
 
 def evaluate(model, images: Images, labels: torch.Tensor, img_size, batch_size, num_classes):
     """Confusion matrices of the test split under both protocols (logits_of), in batches of
@@ -1208,7 +1192,9 @@ def summarize(history: list, classes, cfg: Config) -> dict:
 def write_relabels(state: TrainState) -> None:
     """relabels.csv (a row per sample CUEM relabelled) and relabels.png (the first 48)."""
     log, ds = state.relabels, state.train_ds
-    seen, relabelled, last_u = log.seen.tolist(), log.relabelled.tolist(), log.last_u.tolist()
+    seen = log.seen.tolist()
+    relabelled = log.relabelled.tolist()
+    last_u = log.last_u.tolist()
     order = sorted((j for j in range(len(ds)) if relabelled[j]),  # the most often, consistently
                    key=lambda j: (-relabelled[j], -relabelled[j] / seen[j], j))
     cuem_label = log.to_class.argmax(1).tolist()  # the class it gave most often
@@ -1276,13 +1262,9 @@ def open_checkpoint(path, cli_values: dict, command: str, flags=(), must_match=(
           f"{card['statistics']}{accuracy}; trained with torch {card['torch']}")
     return ckpt, card, cfg, device, model.eval()
 
-LEGACY_NAMES = dict(no_arm="arm", no_scl="scl", no_cuem="cuem")  # older checkpoints' switches
-
 def checkpoint_config(ckpt: dict, cli_values: dict, flags) -> Config:
     """A checkpoint's config, with the `flags` given; this machine's device unless given."""
-    saved = {LEGACY_NAMES.get(k, k): not v if k in LEGACY_NAMES else v
-             for k, v in ckpt["config"].items()}
-    saved = {k: v for k, v in saved.items() if k in Config.__dataclass_fields__}
+    saved = {k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__}
     given = {k: v for k, v in cli_values.items() if k in flags}
     return Config(**{**saved, "device": "auto", **given})
 
@@ -1293,12 +1275,12 @@ def check_matches(ckpt_config: dict, cli_values: dict, keys, what: str) -> None:
         raise UserError(f"{what} does not fit the checkpoint: " + ", ".join(diff))
 
 EVAL_FLAGS = ("data", "root", "train_labels", "classes", "ferplus_label", "device", "workers",
-              "test_batch_size", "synthetic_test", "seed")
+              "test_batch_size", "synthetic_test")
 
 def run_eval(path, cli_values: dict) -> dict:
     """A checkpoint's test scores under both protocols of the run (ARM's official one and the
-    batch-independent one), their dependence on the batching; <stem>_eval.json and
-    <stem>_confusion.png / .txt (the official protocol's)."""
+    batch-independent one); <stem>_eval.json and <stem>_confusion.png / .txt (the official
+    protocol's)."""
     ckpt, card, cfg, device, model = open_checkpoint(
         path, cli_values, "eval", EVAL_FLAGS, must_match=("img_size", "arm"))
     test_ds = load_dataset(cfg.data, cfg.root, "test", decode_size(cfg), **dataset_options(cfg))
@@ -1307,13 +1289,15 @@ def run_eval(path, cli_values: dict) -> dict:
         raise UserError(f"{path} has {len(ckpt['classes'])} classes "
                         f"({', '.join(ckpt['classes'])}); --data {cfg.data} has {len(classes)} "
                         f"({', '.join(classes)})")
-    x = Images(test_ds, device, "device", cfg.workers).x  # (N, 3, s, s) uint8
+    images = Images(test_ds, device, "device", cfg.workers)
+    refuse_unreadable(images)
+    x = images.x  # (N, 3, s, s) uint8
     y = test_ds.labels.to(device)
     logits = logits_of(model, x, cfg.img_size, cfg.test_batch_size, autocast(device))
     conf = {name: confusion(v, y, len(classes)) for name, v in logits.items()}
     res = dict(checkpoint=str(path), epoch=ckpt["epoch"], data=cfg.data,
                protocol=statistics_text(cfg), test_images=len(y), **scores(conf["official"]),
-               classes=classes, batching=batching_report(model, x, y, cfg.img_size, cfg.seed))
+               classes=classes)
     lines = [f"{path} on {cfg.data} test ({len(y)} images); {res['protocol']}"]
     if isinstance(model.classifier, ARM):
         res["test_acc_batch_independent"] = scores(conf["batch_independent"])["test_acc"]
@@ -1328,54 +1312,12 @@ def run_eval(path, cli_values: dict) -> dict:
     write_text(f"{stem}_eval.json",
                json.dumps({**res, "config": dataclasses.asdict(cfg)}, indent=1) + "\n")
     print("\n".join(lines) + "\n" + confusion_text(conf["official"], classes)
-          + batching_text(res["batching"], isinstance(model.classifier, ARM))
-          + f"\nwrote {stem}_eval.json, {stem}_confusion.png and {stem}_confusion.txt")
+          + f"wrote {stem}_eval.json, {stem}_confusion.png and {stem}_confusion.txt")
     return res
 
 def score_text(figures: dict) -> str:
     return (f"accuracy {100 * figures['test_acc']:.2f}%, mean class "
             f"{100 * figures['mean_class_acc']:.2f}%, macro-F1 {100 * figures['macro_f1']:.2f}%")
-
-BATCHINGS = {"1": (1, False), "64": (64, False), "256": (256, False), "256 shuffled": (256, True)}
-
-@torch.no_grad()
-def batching_report(model, x, y, img_size: int, seed: int) -> dict:
-    """Test accuracy under each protocol at each of BATCHINGS (float32, TF32 off), and the
-    largest batch-independent logit difference to batches of 256: float noise, or not."""
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(x.device)
-    report = {}
-    for name, (size, shuffled) in BATCHINGS.items():
-        order = perm if shuffled else torch.arange(len(x), device=x.device)
-        logits = logits_of(model, x[order], img_size, size)  # float32
-        report[name] = {k: v[order.argsort()] for k, v in logits.items()}  # file order
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    reference = report["256"]["batch_independent"]
-    # float32 with TF32 off: another batch size changes the summation order and the kernels
-    # (cuDNN picks per shape): ~1e-6 relative; 1e-3 relative is far above that and far below
-    # what a batch statistic does (the official protocol moves logits by O(1))
-    limit = 1e-3 * (1 + reference.abs().max().item())
-    diffs = {k: (r["batch_independent"] - reference).abs().max().item() for k, r in report.items()}
-    return dict(limit=limit, float_noise=max(diffs.values()) <= limit,
-                **{k: dict(max_diff=diffs[k], **{p: (v.argmax(1) == y).double().mean().item()
-                                                  for p, v in r.items()})
-                   for k, r in report.items()})
-
-def batching_text(report: dict, arm: bool) -> str:
-    """--eval's lines on the batch dependence (float32, TF32 off)."""
-    def accuracies(protocol):
-        return " / ".join(f"{100 * report[k][protocol]:.2f}%" for k in BATCHINGS)
-    sizes = " / ".join(BATCHINGS)
-    verdict = ("float noise: no prediction depends on the other images of its batch"
-               if report["float_noise"] else "predictions depend on the batch")
-    text = (f"test accuracy at batches of {sizes} (float32, TF32 off): "
-            f"{'batch-independent ' if arm else ''}{accuracies('batch_independent')}; logits "
-            f"within {max(report[k]['max_diff'] for k in BATCHINGS):.1e} of batches of 256 "
-            f"(limit {report['limit']:.1e}) -> {verdict}")
-    if arm:
-        text += f"\nARM's official protocol (g from each batch): {accuracies('official')}"
-    return text
 
 def find_images(patterns) -> list[str]:
     """Files as given, folders searched recursively, globs; in order, without repeats."""
@@ -1396,12 +1338,12 @@ def run_predict(patterns, path, cli_values: dict, top=3, csv_path=None) -> dict:
     flags = ("device", "workers", "batch_size", "log_every")
     ckpt, card, cfg, device, model = open_checkpoint(path, cli_values, "predict", flags)
     classes, files = ckpt["classes"], find_images(patterns)
-    images = ImageList(files, [0] * len(files), classes, card["decode_size"])
+    images = Readable(ImageFiles(files, [0] * len(files), classes, card["decode_size"]))
     loader = torch.utils.data.DataLoader(images, min(cfg.batch_size, 256), num_workers=cfg.workers)
     probabilities, skipped = {}, []
     rows = [["path", "predicted", *classes]]
     tick = time.time()
-    for x, errors in loader:
+    for x, _, errors in loader:
         logits = logits_of(model, x.to(device), cfg.img_size, len(x))["batch_independent"]
         probs = logits.softmax(1).cpu()  # (b, C): ARM's running g, whatever the batch
         done = len(probabilities) + len(skipped)
@@ -1504,14 +1446,21 @@ class ImageFiles(FaceDataset):
         except (OSError, ValueError, SyntaxError) as e:
             raise UserError(f"cannot read image {self.paths[i]}: {e}") from None
 
-class ImageList(ImageFiles):
-    """--predict's images: (uint8 (3, S, S), error message or '')."""
+class Readable(torch.utils.data.Dataset):
+    """A dataset's items as (uint8 (3, S, S), index, '' or why the image cannot be read): an
+    unreadable file gives a black image and its message, so one pass finds every bad file."""
+
+    def __init__(self, ds: FaceDataset):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
 
     def __getitem__(self, i):
         try:
-            return self.image(i), ""
+            return self.ds.image(i), i, ""
         except UserError as e:
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(e)
+            return torch.zeros(3, self.ds.size, self.ds.size, dtype=torch.uint8), i, str(e)
 
 def read_label_lines(path: Path, what: str) -> list[tuple[str, int]]:
     """A RAF-DB label file: 'name label' lines, labels 1..7 -> 0..6 (no final newline)."""
@@ -1624,12 +1573,17 @@ def label_from_votes(votes, rule="majority") -> int:
 class Fer2013Pixels(FaceDataset):
     """FER2013 rows: 48 x 48 grayscale pixels as space-separated integers -> 3 channels."""
 
-    def __init__(self, pixels, labels, size):
+    def __init__(self, pixels, labels, size, rows):
         super().__init__(FERPLUS_CLASSES, labels, size)
         self.pixels = pixels
+        self.rows = rows  # each image's row number in fer2013.csv
 
     def image(self, i):
-        gray = np.array(self.pixels[i].split(), dtype=np.uint8).reshape(48, 48)
+        try:
+            gray = np.array(self.pixels[i].split(), dtype=np.uint8).reshape(48, 48)
+        except (ValueError, OverflowError) as e:
+            raise UserError(f"cannot read image: fer2013.csv:{self.rows[i]}: expected 48 x 48 "
+                            f"pixel values 0..255 ({e})") from None
         return pil_to_uint8(Image.fromarray(gray), self.size)
 
 def read_csv_rows(path: Path, what: str) -> list[list[str]]:
@@ -1654,7 +1608,9 @@ def load_ferplus(root: Path, split, size, label_rule="majority", **_):
             raise UserError(f"fer2013.csv has {len(pixel_rows)} rows, fer2013new.csv "
                             f"{len(vote_rows)}: they must match row for row")
         usage = "Training" if split == "train" else "PrivateTest"
-        pixels, labels = [], []
+        pixels = []
+        labels = []
+        rows = []  # their row numbers in fer2013.csv
         for row_no, (o, v) in enumerate(zip(pixel_rows, vote_rows), 2):
             if len(o) != 3 or len(v) != 12 or o[2] != v[0]:
                 raise UserError(f"row {row_no}: expected fer2013.csv 'emotion,pixels,Usage' and "
@@ -1665,8 +1621,9 @@ def load_ferplus(root: Path, split, size, label_rule="majority", **_):
             label = ferplus_row_label(v[2:], root / "fer2013new.csv", row_no, label_rule)
             if label >= 0:
                 pixels.append(o[1])
+                rows.append(row_no)
                 labels.append(label)
-        return Fer2013Pixels(pixels, labels, size)
+        return Fer2013Pixels(pixels, labels, size, rows)
     folder = root / ("FER2013Train" if split == "train" else "FER2013Test")
     if not (folder / "label.csv").is_file():
         raise layout_error("ferplus", f"neither {root / 'fer2013.csv'} + fer2013new.csv nor "
@@ -1857,7 +1814,10 @@ def draw_curves(history: list, data: str) -> Image.Image:
     epochs = [r["epoch"] for r in history]
     epoch_ticks = [e for e in round_ticks(epochs[0], epochs[-1], 10) if e in epochs] or epochs
     for k, (title, series) in enumerate(panels.items()):
-        x0, y0, w, h = 80 + 550 * (k % 2), 80 + 350 * (k // 2), 440, 240
+        x0 = 80 + 550 * (k % 2)  # the panel's corner, width and height
+        y0 = 80 + 350 * (k // 2)
+        w = 440
+        h = 240
         def at_x(e):  # the epoch's point in the panel
             return x0 + w * (epochs.index(e) + 0.5) / len(epochs)
         # None where a figure does not exist (L_sup is not computed while lambda = 0)
@@ -1911,7 +1871,7 @@ def draw_relabels(tiles: list, title: str) -> Image.Image:
 def benchmark(cfg: Config, cli_values: dict, rounds=None) -> dict:
     """Samples/s of the baseline step (one view), the full step (two views, momentum update,
     Eq. 2, CUEM, enqueue) and the same in --deterministic mode, two augmented views and the
-    eval-mode network: medians of interleaved repeats; peak memory. Then the loader path."""
+    eval-mode network: medians of interleaved repeats; peak memory."""
     device = pick_device(cfg.device)
     cuda = device.type == "cuda"
     S = cfg.img_size if "img_size" in cli_values else (224 if cuda else 112)
@@ -1962,47 +1922,12 @@ def benchmark(cfg: Config, cli_values: dict, rounds=None) -> dict:
     else:
         import resource
         res["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    res.update(loader_benchmark(device, S, cfg.workers))
     print(f"benchmark on {res['device']}, {S}px, batch {B}, median of {repeats} after {warmup} "
           f"warm-up; peak memory {res['peak_memory_mb']:,.0f} MB (CUDA allocated / CPU RSS)")
-    for k in (*jobs, "overhead_ratio", "deterministic_ratio", "loader_workers_images_per_s",
-              "loader_decode_jpeg_images_per_s"):
+    for k in (*jobs, "overhead_ratio", "deterministic_ratio"):
         print(f"  {k.replace('_', ' '):<36} {res[k]:>12,.{3 if 'ratio' in k else 0}f}")
     print(json.dumps(res))
     return res
-
-def loader_benchmark(device, size: int, workers: int, n: int = 256) -> dict:
-    """Images/s of the path a run without a cache takes, on n JPEGs written at AffectNet-like
-    sizes (300-700 px a side, quality 90) to a temporary folder: decoding (PIL), the resize to
-    `size` and collation in `workers` processes (a first pass starts them, the second is
-    timed); and torchvision.io.decode_jpeg on the device, resized there, in batches of 64."""
-    rng = np.random.default_rng(0)
-    faces = [draw_face(rng, k % 7, int(rng.integers(300, 701))) for k in range(16)]
-    with tempfile.TemporaryDirectory() as folder:
-        paths = [os.path.join(folder, f"{i:04d}.jpg") for i in range(n)]
-        for i, path in enumerate(paths):
-            faces[i % len(faces)].save(path, quality=90)
-        ds = ImageFiles(paths, [0] * n, ["face"], size)
-        loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=workers,
-                                             persistent_workers=workers > 0)
-        seconds = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            for _ in loader:
-                pass
-            seconds.append(time.perf_counter() - t0)
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates it for TorchCodec
-            warnings.simplefilter("ignore", DeprecationWarning)
-            files = [torchvision.io.read_file(path) for path in paths]
-            t0 = time.perf_counter()
-            for i in range(0, n, 64):
-                decoded = torchvision.io.decode_jpeg(files[i:i + 64], device=device)
-                batch = torch.stack([resize(img[None].float(), size)[0] for img in decoded])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        jpeg_seconds = time.perf_counter() - t0
-    return dict(loader_workers=workers, loader_workers_images_per_s=n / seconds[1],
-                loader_decode_jpeg_images_per_s=n / jpeg_seconds, loader_image_side=batch.shape[-1])
 
 # ==== Command line =============================================================================
 
@@ -2045,7 +1970,7 @@ def build_parser() -> ArgParser:
     return parser
 
 BENCHMARK_FLAGS = {"device", "img_size", "batch_size", "arm", "head_bn", "pretrained",
-                   "queue_size", "augment", "compile", "workers", "seed"}
+                   "queue_size", "augment", "compile", "seed"}
 RESUME_FLAGS = {"epochs", "device", "workers", "log_every", "out", "cache", "resume"}
 
 def validate(cfg: Config, cli_values: dict) -> None:
@@ -2064,7 +1989,13 @@ def validate(cfg: Config, cli_values: dict) -> None:
         (cfg.queue_size >= 1, f"--queue-size {cfg.queue_size}: expected at least 1"),
         (0 <= (cfg.momentum or 0) <= 1, f"--momentum {cfg.momentum}: expected a value in [0, 1]"),
         (cfg.tau > 0, f"--tau {cfg.tau}: expected a positive temperature"),
+        (0 <= cfg.theta <= 2, f"--theta {cfg.theta}: expected a value in [0, 2] (u is a "
+                              "difference of two mean cosines)"),
         (cfg.alpha > 0, f"--alpha {cfg.alpha}: expected a positive number of epochs"),
+        (cfg.beta >= 0, f"--beta {cfg.beta}: expected a weight of 0 or more"),
+        (cfg.lr > 0, f"--lr {cfg.lr}: expected a positive learning rate"),
+        (cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay}: expected 0 or more"),
+        (0 < cfg.lr_decay <= 1, f"--lr-decay {cfg.lr_decay}: expected a factor in (0, 1]"),
         (cfg.workers >= 0, f"--workers {cfg.workers}: expected 0 or more"),
         (cfg.test_batch_size >= 1, f"--test-batch-size {cfg.test_batch_size}: expected >= 1"),
         (min(cfg.synthetic_train, cfg.synthetic_test) >= 1, "--synthetic-*: expected >= 1")]
