@@ -5,16 +5,15 @@ fills a labelled queue (Sec. II-A) for the supervised contrastive loss (Eq. 2, w
 Eq. 4) and for CUEM (Sec. II-B), which relabels a sample whose mean cosine similarity to
 another class of the queue beats its own class's by more than theta.
 
-    python fer_supcon.py --data synthetic            # no download: minutes on a 2-core CPU
+    python fer_supcon.py --data synthetic            # ~2 min on a 2-core CPU, ~94 % test acc
     python fer_supcon.py --data rafdb --root RAF-DB  # the paper's setting, one GPU
     python fer_supcon.py --eval runs/X/best.pt       # both test protocols, confusion matrix
     python fer_supcon.py --predict faces/ --checkpoint runs/X/best.pt   # or --export model.pt2
     python fer_supcon.py --benchmark                 # the steps' speed, side by side
 
-Defaults: the paper's text where it speaks; where it is silent, the code it builds on (ARM's
-scripts, MoCo, SupContrast), else ours. `NOTE: not in the paper` marks a silent choice and its
-source, `NOTE: departs from` an option that departs from the paper or that code; README.md
-lists both with their sources and measured effects.
+Defaults: the paper's text where it speaks; else the code it builds on (ARM's scripts, MoCo,
+SupContrast), else ours. `NOTE: not in the paper` marks a silent choice and its source, `NOTE:
+departs from` an option that departs from them; README.md lists both, sourced and measured.
 """
 from __future__ import annotations
 
@@ -456,8 +455,7 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     """float (B, 3, h, w) -> (B, 3, size, size), bilinear (antialiased when shrinking)."""
     if x.shape[-2:] == (size, size):
         return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=True)
+    return F.interpolate(x, (size, size), mode="bilinear", align_corners=False, antialias=True)
 
 def eval_transform(x: torch.Tensor, size: int) -> torch.Tensor:
     """The test transform (also --predict's, --export's): uint8 -> resized, normalised float."""
@@ -466,10 +464,9 @@ def eval_transform(x: torch.Tensor, size: int) -> torch.Tensor:
 def arm_augment(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     """A training view of a uint8 batch (B, 3, h, w) -> normalised float (B, 3, size, size),
     drawn per sample from `gen`, in ARM's order (dataset.py, image_utils.py, train_raf-db.py):
-    with p 0.5 one of {horizontal flip, Gaussian noise of variance 30 clipped to 0..255 and
-    truncated to integers} at equal odds, on the image at its decoded size; resize to `size`;
-    ImageNet normalisation; RandomErasing(p 0.5, area 0.02-0.1, aspect 0.3-3.3, value 0).
-    NOTE: not in the paper - ARM's recipe, the code the paper's settings come from."""
+    with p 0.5 one of {horizontal flip, Gaussian noise of variance 30, clipped, truncated} at
+    equal odds, at the decoded size; resize; ImageNet normalisation; RandomErasing(p 0.5, area
+    0.02-0.1, aspect 0.3-3.3, value 0). NOTE: not in the paper - ARM's recipe."""
     B, dev = x.shape[0], x.device
     def uniform():  # one U(0, 1) draw per sample, (B,)
         return torch.rand(B, generator=gen, device=dev)
@@ -485,9 +482,8 @@ def arm_augment(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tenso
 def random_erase(x: torch.Tensor, gen: torch.Generator, uniform, p=0.5, area=(0.02, 0.1),
                  aspect=(0.3, 3.3)) -> torch.Tensor:
     """torchvision's RandomErasing (value 0) per sample of x (B, 3, S, S): with probability p, a
-    rectangle of round(sqrt(a r)) x round(sqrt(a / r)) pixels, a = S^2 U(area), log r uniform
-    in log(aspect), at a uniformly drawn integer position. With area <= 0.1 and aspect <= 3.3
-    every draw fits (sqrt(0.33) < 1), so torchvision's ten retries never happen."""
+    round(sqrt(a r)) x round(sqrt(a / r)) rectangle, a = S^2 U(area), log r ~ U(log aspect), at
+    a uniform integer position; with area <= 0.1 and aspect <= 3.3 the first draw always fits."""
     S = x.shape[-1]
     a = S * S * (area[0] + (area[1] - area[0]) * uniform())
     r = torch.exp(math.log(aspect[0]) + (math.log(aspect[1]) - math.log(aspect[0])) * uniform())
@@ -502,10 +498,9 @@ def random_erase(x: torch.Tensor, gen: torch.Generator, uniform, p=0.5, area=(0.
 
 def affine_augment(x: torch.Tensor, size: int, gen: torch.Generator, rotate=10.0,
                    scale=(0.9, 1.1), translate=0.05) -> torch.Tensor:
-    """NOTE: departs from ARM's recipe - --augment affine (ours, README): a view of a uint8
-    batch -> normalised float (B, 3, size, size): one grid_sample flips (p 0.5), rotates, scales
-    and shifts while resizing; Gaussian noise (std 5.5, p 0.25); then ARM's erasing at up to a
-    quarter of the area."""
+    """NOTE: departs from ARM's recipe - --augment affine (ours, README): uint8 -> normalised
+    (B, 3, size, size): one grid_sample flips (p 0.5), rotates, scales and shifts while resizing;
+    Gaussian noise (std 5.5, p 0.25); then ARM's erasing at up to a quarter of the area."""
     B, dev = x.shape[0], x.device
     def uniform():  # one U(0, 1) draw per sample, (B,)
         return torch.rand(B, generator=gen, device=dev)
@@ -550,8 +545,7 @@ def epoch_order(labels: torch.Tensor, sampler: str, seed: int, epoch: int) -> to
     return torch.randperm(len(labels), generator=gen)
 
 def decode_all(ds, workers: int, keep: bool = True):
-    """Decode a whole split once, in `workers` processes: (uint8 (N, 3, s, s), or None when not
-    kept, and the messages of the images that cannot be read, all of them in one pass)."""
+    """A split decoded once in `workers` processes: (uint8 (N, 3, s, s) or None, unreadable)."""
     images = torch.empty(len(ds), 3, ds.size, ds.size, dtype=torch.uint8) if keep else None
     unreadable = []
     for x, idx, errors in torch.utils.data.DataLoader(Readable(ds), batch_size=128,
@@ -565,9 +559,8 @@ def refuse_unreadable(*splits: Images) -> None:
     """One error for all the images of these splits that cannot be read, before any training."""
     bad = [message for split in splits for message in split.unreadable]
     if bad:
-        n = sum(split.n for split in splits)
-        raise UserError(f"{len(bad)} of {n} images cannot be read (nothing was trained or "
-                        f"written); the first {min(3, len(bad))}: " + "; ".join(bad[:3]))
+        raise UserError(f"unreadable images: {len(bad)} (nothing was trained or written); "
+                        f"the first {min(3, len(bad))}: " + "; ".join(bad[:3]))
 
 def host_memory_available() -> int:
     """Bytes the host can still give (Linux's MemAvailable); 0 where unknown."""
@@ -578,9 +571,8 @@ def host_memory_available() -> int:
         return 0
 
 def cache_placement(choice: str, device: torch.device, nbytes: int) -> str:
-    """Where a run's decoded images live: 'device' (a GPU's free memory less GPU_HEADROOM, or the
-    CPU's), 'host' (CUDA runs: host memory, batches through pinned memory), or 'workers'
-    (decoded every epoch; always with --cache off). NOTE: not in the paper - one decode."""
+    """NOTE: not in the paper - one decode: 'device' (a GPU's free memory less GPU_HEADROOM, or
+    the CPU's), 'host' (CUDA: batches through pinned memory), or 'workers' (every epoch)."""
     host = 0.75 * host_memory_available()  # leave the system a quarter
     gpu_free = torch.cuda.mem_get_info(device)[0] - GPU_HEADROOM if device.type == "cuda" else 0
     if choice != "off" and nbytes <= gpu_free:
@@ -588,20 +580,17 @@ def cache_placement(choice: str, device: torch.device, nbytes: int) -> str:
     if choice != "off" and nbytes <= host:
         return "device" if device.type == "cpu" else "host"
     if choice == "on":
-        raise UserError(f"--cache on: the decoded images need {nbytes / 2 ** 30:.1f} GiB, more "
-                        f"than the device and 3/4 of the host's {host / 0.75 / 2 ** 30:.1f} GiB "
-                        "free give (use --cache auto or off)")
+        raise UserError(f"--cache on: the images need {nbytes / 2 ** 30:.1f} GiB, more than the "
+                        f"device or 3/4 of the host's free {host / 0.75 / 2 ** 30:.1f} GiB give")
     return "workers"
 
 class Images:
-    """A split's uint8 batches on the device, from a decoded cache (in the device's memory, or
-    the host's with batches copied through pinned memory on CUDA) or from loader workers."""
+    """A split's uint8 batches on the device: from a cache (device, or pinned host) or workers."""
 
     def __init__(self, ds, device, placement: str, workers: int, x=None):
         self.device = device
         self.placement = placement
         self.x = x  # (N, 3, s, s) uint8
-        self.n = len(ds) if x is None else len(x)  # images
         self.unreadable = []  # the images that cannot be read (refuse_unreadable)
         self.wait_seconds = 0.0  # time spent waiting for the workers' next batch
         if x is None:  # decoded once: the cache, or (workers) a check that every image reads
@@ -616,8 +605,7 @@ class Images:
                 prefetch_factor=4 if workers > 0 else None)
 
     def batches(self, order: torch.Tensor, batch_size: int):
-        """Yield (uint8 images (b, 3, s, s), indices (b,)) on the device: `order` in batches of
-        batch_size, the last one partial; no step waits for the host."""
+        """(uint8 (b, 3, s, s), indices (b,)) on the device: `order` in batches, last partial."""
         if self.placement == "workers":
             source = self.from_workers(order, batch_size)
         else:  # the cache's device: the GPU's, or the host's
@@ -630,33 +618,27 @@ class Images:
     def from_workers(self, order: torch.Tensor, batch_size: int):
         """The workers' host batches in `order`; the time spent waiting for each is counted."""
         self.order[:] = [b.tolist() for b in order.split(batch_size)]
-        loader = iter(self.loader)
-        while True:
-            t0 = time.perf_counter()
-            x, _, idx = next(loader, (None, None, None))
+        t0 = time.perf_counter()
+        for x, _, idx in self.loader:
             self.wait_seconds += time.perf_counter() - t0
-            if x is None:
-                return
             yield x, idx
+            t0 = time.perf_counter()  # the step has run: from here, waiting for the next
 
 def placement_note(placement: str, choice: str, device, n: int, nbytes: int, side: int,
                    seconds: float, workers: int) -> str:
     """The banner's line on where a run's n images live and at what rate they come."""
     size = f"{n:,} images, {nbytes / 2 ** 30:.2f} GiB at {side} px"
     rate = f"decoded in {seconds:.1f} s, {n / max(seconds, 1e-9):,.0f} images/s"
-    if placement == "device":
-        return f"images decoded once into {device.type} memory ({size}; {rate})"
-    if placement == "host":
-        return (f"images decoded once into host memory ({size}; {rate}); batches go to the GPU "
-                "through pinned memory")
-    why = "--cache off" if choice == "off" else "no cache fits"
-    return (f"images decoded every epoch by {workers} workers ({size}; {why}); a first pass "
-            f"checked that all read: {rate}")
+    if placement == "workers":
+        why = "--cache off" if choice == "off" else "no cache fits"
+        return (f"images decoded every epoch by {workers} workers ({size}; {why}); a first pass "
+                f"checked that all read: {rate}")
+    where = f"{device.type} memory" if placement == "device" else "pinned host memory (CUDA)"
+    return f"images decoded once into {where} ({size}; {rate})"
 
 def trained_images(n: int, batch_size: int) -> int:
-    """How many of an epoch's n images are trained on. NOTE: not in the paper - all of them,
-    the last partial batch too (ARM's loader keeps it), except a single leftover image, which
-    train-mode BatchNorm cannot normalise on its own."""
+    """Images of an epoch trained on. NOTE: not in the paper - all, the last partial batch too
+    (ARM's loader keeps it), but a single leftover image (train-mode BatchNorm cannot take it)."""
     return n - 1 if n > 1 and n % batch_size == 1 else n
 
 # ==== III  Training and evaluation ============================================================
@@ -707,10 +689,9 @@ def loader_note(state: TrainState, row: dict, tally: "EpochTally") -> None:
     if state.loader_noted or wait <= 0.1 * busy:
         return
     state.loader_noted = True
-    print(f"note: the workers cannot keep up with the step: it waited {wait:.1f} s of the "
-          f"epoch's {busy:.1f} s; they deliver {tally.seen / busy:,.0f} images/s, the step alone "
-          f"takes {tally.seen / max(busy - wait, 1e-9):,.0f}; more --workers, or a cache if "
-          "memory allows (--cache on), feeds it faster", flush=True)
+    print(f"note: the workers cannot keep up with the step: it waited {wait:.1f} s of the epoch's "
+          f"{busy:.1f} s ({tally.seen / busy:,.0f} images/s, the step alone "
+          f"{tally.seen / max(busy - wait, 1e-9):,.0f}); try more --workers or --cache on")
 
 def accuracy_text(figures: dict, key: str) -> str:
     """'92.05%', with ARM '92.05% (batch-independent 91.95%)': the official protocol first."""
@@ -719,8 +700,7 @@ def accuracy_text(figures: dict, key: str) -> str:
     return text if other is None else f"{text} (batch-independent {100 * other:.2f}%)"
 
 def two_views(x, cfg: Config, epoch: int, step: int, keys: bool):
-    """The query view and, when the key branch runs, the key view of a uint8 batch: two
-    independent draws of the augmentation."""
+    """The query view and, when the key branch runs, the key view: two independent draws."""
     gen = step_generator(cfg.seed, epoch, step, x.device)
     augment = AUGMENTATIONS[cfg.augment]
     views = [augment(x, cfg.img_size, gen).contiguous(memory_format=torch.channels_last)
@@ -764,8 +744,7 @@ class TrainState:
             notes.append(f"resumed from {cfg.resume} after epoch {ckpt['epoch']}")
         if trained_images(len(ds), cfg.batch_size) < len(ds):
             notes.append(f"{len(ds)} training images = {len(ds) // cfg.batch_size} batches of "
-                         f"{cfg.batch_size} + 1: each epoch leaves its last image out (a batch "
-                         "of one cannot train BatchNorm)")
+                         f"{cfg.batch_size} + 1: each epoch leaves the last out (BatchNorm)")
         n = len(ds) + len(self.test_ds)
         placement = cache_placement(cfg.cache, device, n * 3 * size ** 2)
         notes.append(f"evaluation: {statistics_text(cfg)}; output {self.out}")
@@ -799,9 +778,8 @@ def method_sizes(cfg: Config, n_train: int) -> tuple[Config, list[str]]:
     return dataclasses.replace(cfg, batch_size=B, queue_size=K, momentum=m), notes
 
 class EpochTally:
-    """An epoch's sums, kept on the device so that the step never waits for the host, and read
-    once per progress line: the losses, CUEM's relabels (all, right, per new class), the noisy
-    labels seen and restored, the first non-finite step. It also feeds the RelabelLog."""
+    """An epoch's sums on the device (the step never waits for the host), read per progress
+    line: losses, relabels (all, right, per class), noisy labels seen, the first bad step."""
 
     def __init__(self, state: TrainState, epoch: int, lam: float, order: torch.Tensor):
         self.state = state
@@ -811,7 +789,7 @@ class EpochTally:
         self.steps = math.ceil(len(order) / state.cfg.batch_size)
         self.epoch_labels = state.train_ds.labels[order]  # host, in training order
         zero = torch.zeros((), dtype=torch.float64, device=state.device)
-        names = ("loss", "ce", "supcon", "relabelled", "relabelled_right", "noisy", "restored",
+        names = ("loss", "ce", "supcon", "relabelled", "relabelled_right", "noisy",
                  "first_bad_step")  # first_bad_step: 0 while every loss is finite
         self.sums = dict.fromkeys(names, zero)  # replaced, never changed in place
         self.sums["relabelled_to"] = zero.repeat(len(state.train_ds.classes))  # (C,)
@@ -822,14 +800,13 @@ class EpochTally:
     def add(self, step: int, idx, result: StepOut) -> None:
         y, y_true = self.state.labels[idx], self.state.true_labels[idx]
         moved = result.y_fer != y  # relabelled by CUEM
-        right = result.y_fer == y_true
+        right = moved & (result.y_fer == y_true)  # the only way a noisy label is restored
         noisy = y != y_true
         first_bad = (self.sums["first_bad_step"] == 0) & ~result.loss.isfinite()
         to_class = torch.zeros_like(self.sums["relabelled_to"]).index_add_(0, result.y_fer,
                                                                           moved.double())
         step_sums = dict(loss=result.loss, ce=result.ce, supcon=result.supcon,
-                         relabelled=moved.sum(), relabelled_right=(moved & right).sum(),
-                         noisy=noisy.sum(), restored=(noisy & right).sum(),
+                         relabelled=moved.sum(), relabelled_right=right.sum(), noisy=noisy.sum(),
                          first_bad_step=first_bad * (step + 1), relabelled_to=to_class)
         self.sums = {name: total + step_sums[name] for name, total in self.sums.items()}
         self.state.relabels.add(idx, y, result)
@@ -868,7 +845,7 @@ class EpochTally:
         text = f"relabelled {int(n)} ({100 * n / sums['seen']:.1f}%)"
         if self.state.noise > 0 and n > 0:
             text += (f" (precision {sums['relabelled_right'] / n:.2f}, recall "
-                     f"{sums['restored'] / max(sums['noisy'], 1):.2f})")
+                     f"{sums['relabelled_right'] / max(sums['noisy'], 1):.2f})")
         alarm = self.alarm()
         return text + (f" UNUSUAL: {alarm}" if alarm else "")
 
@@ -885,18 +862,17 @@ def evaluate_epoch(state: TrainState, tally: EpochTally) -> dict:
     conf = evaluate(state.model, state.test_images, state.test_ds.labels, cfg.img_size,
                     cfg.test_batch_size, len(state.test_ds.classes))
     n = sums["relabelled"]
-    seen = sums["seen"]
     steps = sums["steps"]
     row = dict(epoch=tally.epoch, lr=tally.lr, lam=tally.lam, loss=sums["loss"] / steps,
                ce=sums["ce"] / steps, supcon=sums["supcon"] / steps, relabelled=int(n),
-               relabel_share=n / seen, relabelled_to=sums["relabelled_to"],
+               relabel_share=n / sums["seen"], relabelled_to=sums["relabelled_to"],
                relabel_alarm=bool(tally.alarm()), **scores(conf["official"]))
     if isinstance(state.model.classifier, ARM):  # ARM's running g: what --predict computes
         row["test_acc_batch_independent"] = scores(conf["batch_independent"])["test_acc"]
     if state.noise > 0:  # precision: None (null) when nothing was relabelled
         row["relabel_precision"] = sums["relabelled_right"] / n if n else None
-        row["relabel_recall"] = sums["restored"] / max(sums["noisy"], 1)
-    row.update(samples_per_s=seen / tally.seconds, train_seconds=tally.seconds,
+        row["relabel_recall"] = sums["relabelled_right"] / max(sums["noisy"], 1)
+    row.update(samples_per_s=sums["seen"] / tally.seconds, train_seconds=tally.seconds,
                data_wait_seconds=tally.data_wait, test_seconds=time.time() - t0,
                output_seconds=None, confusion=conf["official"].tolist())
     state.history.append(row)
@@ -910,8 +886,7 @@ def epoch_line(row: dict, tally: EpochTally) -> str:
             f"test {row['test_seconds']:.1f}s, outputs {row['output_seconds']:.1f}s")
 
 class RelabelLog:
-    """Per training sample, on the device: how often CUEM saw it and relabelled it, to which
-    classes, its last u. Written to relabels.csv and relabels.png after every epoch."""
+    """Per training sample, on the device: CUEM's looks, relabels, their classes, its last u."""
 
     def __init__(self, n: int, num_classes: int, device):
         self.seen = torch.zeros(n, dtype=torch.int32, device=device)
@@ -924,8 +899,7 @@ class RelabelLog:
         self.seen.index_add_(0, idx, result.cuem_ran.int().expand(len(idx)))
         self.relabelled.index_add_(0, idx, moved)
         self.to_class.index_put_((idx, result.y_fer), moved, accumulate=True)
-        # a sample drawn twice in one batch (the balanced sampler) keeps the larger u: a
-        # reduction whose result does not depend on the order of the writes, never a race
+        # a sample drawn twice in a batch (balanced sampler) keeps the larger u: no write race
         u = torch.where(result.cuem_ran, result.u, self.last_u[idx])
         self.last_u.scatter_reduce_(0, idx, u, reduce="amax", include_self=False)
 
@@ -958,8 +932,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 def make_deterministic() -> None:
-    """--deterministic: deterministic CUDA kernels (an error names any op that has none),
-    cuBLAS's fixed workspace (set before cuBLAS starts), no cuDNN autotuning."""
+    """--deterministic: deterministic CUDA kernels, cuBLAS's fixed workspace, no cuDNN tuning."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
@@ -986,18 +959,16 @@ def load_weights(model: nn.Module, state_dict: dict, what) -> None:
     missing, unused = sorted(own.keys() - state_dict.keys()), sorted(state_dict.keys() - own.keys())
     wrong = sorted(k for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape)
     if missing or unused or wrong:
-        raise UserError(f"{what} does not fit this network: {len(missing)} missing "
-                        f"{missing[:3]}, {len(unused)} unused {unused[:3]}, {len(wrong)} of "
-                        f"another shape {wrong[:3]}")
+        raise UserError(f"{what} does not fit this network: {len(missing)} missing {missing[:3]}, "
+                        f"{len(unused)} unused {unused[:3]}, {len(wrong)} misshapen {wrong[:3]}")
     model.load_state_dict(state_dict)
 
 @torch.no_grad()
 def logits_of(model, x: torch.Tensor, img_size: int, batch_size: int, amp=None) -> dict:
     """Eval-mode logits (N, C) of uint8 images (N, 3, h, w), in batches of batch_size in the
     given order, one trunk pass per batch, under both test protocols: 'official' (with ARM, g
-    from each batch, as ARM's test script) and 'batch_independent' (ARM's running g). Without
-    ARM the two are one tensor. The model's mode is kept. NOTE: not in the paper - ARM's test
-    protocol (test_raf-db.py: batches of 64, file order, eval mode) is the headline."""
+    from each batch) and 'batch_independent' (ARM's running g); one without ARM. NOTE: not in
+    the paper - ARM's test_raf-db.py protocol is the headline."""
     was_training, arm = model.training, isinstance(model.classifier, ARM)
     model.eval()
     protocols = {"official": [], "batch_independent": []} if arm else {"official": []}
@@ -1014,8 +985,7 @@ def logits_of(model, x: torch.Tensor, img_size: int, batch_size: int, amp=None) 
     return logits
 
 def evaluate(model, images: Images, labels: torch.Tensor, img_size, batch_size, num_classes):
-    """Confusion matrices of the test split under both protocols (logits_of), in batches of
-    batch_size in file order, the last one partial (ARM's test loader)."""
+    """Both protocols' confusion matrices (logits_of), batches in file order, the last partial."""
     order = torch.arange(len(labels))
     batches = [logits_of(model, x, img_size, batch_size, autocast(images.device))
                for x, _ in images.batches(order, batch_size)]
@@ -1024,15 +994,13 @@ def evaluate(model, images: Images, labels: torch.Tensor, img_size, batch_size, 
             for name in batches[0]}
 
 def confusion(logits: torch.Tensor, y: torch.Tensor, C: int) -> torch.Tensor:
-    """(C, C) counts, rows: true class, columns: predicted (fixed size: no data-dependent
-    shape, so no host sync until the caller reads it)."""
+    """(C, C) counts, rows: true class, columns: predicted; no host sync until it is read."""
     counts = torch.zeros(C * C, dtype=torch.int64, device=y.device)
     counts.index_add_(0, y * C + logits.argmax(1), torch.ones_like(y))
     return counts.view(C, C).cpu()
 
 def scores(conf: torch.Tensor) -> dict:
-    """Accuracy, mean class accuracy (of classes with test samples), macro-F1, per-class
-    accuracy of a confusion matrix (rows: true class)."""
+    """Accuracy, mean class accuracy and macro-F1 (over classes with test samples), per class."""
     conf = conf.double()
     tp, true = conf.diag(), conf.sum(1)
     recall = tp / true.clamp(min=1)
@@ -1074,18 +1042,17 @@ def atomic_write(path: Path, write) -> None:
 def write_text(path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
+def write_png(path, image: Image.Image) -> None:
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
 def write_csv(path, rows) -> None:
     def write(tmp):
         with open(tmp, "w", newline="") as handle:
             csv.writer(handle).writerows(rows)
     atomic_write(path, write)
 
-def write_png(path, image: Image.Image) -> None:
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-
 def load_trunk_weights(trunk: nn.Module, path: str) -> None:
-    """A ResNet-18 state dict (e.g. resnet18_msceleb.pth), bare or under 'state_dict', with or
-    without 'module.'; fc.* is ignored, any other missing or unused tensor is an error."""
+    """A ResNet-18 state dict (resnet18_msceleb.pth; 'state_dict', 'module.'; fc.* ignored)."""
     sd = load_torch_file(path, "--pretrained file")
     if isinstance(sd, dict):
         sd = sd.get("state_dict", sd)
@@ -1117,28 +1084,21 @@ def load_checkpoint(path) -> dict:
                         f"{sorted(CHECKPOINT_KEYS)}, found {found}")
     return ckpt
 
-def model_card(cfg: Config, classes, row=None) -> dict:
-    """What a user needs to feed the model; in every checkpoint and exported file. row: the
-    checkpoint epoch's metrics, whose batch-independent accuracy is what --predict gives."""
-    card = dict(classes=list(classes), decode_size=decode_size(cfg), img_size=cfg.img_size,
+def model_card(cfg: Config, classes, row: dict) -> dict:
+    """What a user needs to feed the model, and its epoch's two accuracies (row: its metrics)."""
+    return dict(classes=list(classes), decode_size=decode_size(cfg), img_size=cfg.img_size,
                 input="RGB uint8 face crops, resized to decode_size x decode_size (PIL, "
                       "bilinear); the network resizes them to img_size (antialiased bilinear)",
                 normalisation=dict(mean=[255 * v for v in IMAGENET_MEAN],
                                    std=[255 * v for v in IMAGENET_STD]),
                 dataset=cfg.data, crops=CROPS[cfg.data], statistics=statistics_text(cfg),
-                torch=str(torch.__version__))
-    if row is not None:
-        card["test_acc"] = row["test_acc"]  # the official protocol
-        card["test_acc_batch_independent"] = row.get("test_acc_batch_independent",
-                                                     row["test_acc"])
-    return card
+                torch=str(torch.__version__), test_acc=row["test_acc"],  # the official protocol
+                test_acc_batch_independent=row.get("test_acc_batch_independent", row["test_acc"]))
 
 def save_outputs(state: TrainState) -> None:
-    """The run folder's files (README, 'Using a trained model'), each written atomically:
-    last.pt, best.pt, metrics.jsonl and summary.json every epoch; the
-    figures and relabels.csv too, unless they cost more than a tenth of the epoch's training
-    time, then every k epochs and after the last. The epoch's row gets the seconds this took
-    (its copy in the checkpoint has None there)."""
+    """The run folder's files, each atomic: last.pt, best.pt, metrics.jsonl, summary.json every
+    epoch; figures and relabels.csv too, or every k epochs and after the last if they cost over a
+    tenth of the epoch's training. The row gets the seconds (None in the checkpoint's copy)."""
     t0 = time.time()
     cfg, row = state.cfg, state.history[-1]
     classes = state.train_ds.classes
@@ -1163,17 +1123,15 @@ def save_outputs(state: TrainState) -> None:
         save_confusion(torch.tensor(row["confusion"]), classes, state.out / "confusion", title)
         every = math.ceil((time.time() - t1) / (0.1 * row["train_seconds"]))
         if every > 1 and state.figures_due == 1:
-            print(f"note: the figures and relabels.csv took {time.time() - t1:.1f} s, more than "
-                  f"a tenth of the epoch's {row['train_seconds']:.1f} s of training: they are "
-                  f"written every {every} epochs and after the last", flush=True)
+            print(f"note: the figures and relabels.csv took {time.time() - t1:.1f} s, over a tenth "
+                  f"of the epoch's training: written every {every} epochs and after the last")
         state.figures_due = row["epoch"] + max(every, 1)
     row["output_seconds"] = time.time() - t0
     write_text(state.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
     write_text(state.out / "summary.json", json.dumps(summary, indent=1) + "\n")
 
 def summarize(history: list, classes, cfg: Config) -> dict:
-    """The numbers people quote: final epoch, best epoch (the first), last five epochs, under
-    the official protocol; with ARM, the batch-independent accuracy beside each."""
+    """Final epoch, best epoch (the first), last five: the official protocol, the other beside."""
     final, last5 = history[-1], history[-5:]
     best = max(history, key=lambda r: r["test_acc"])
     summary = dict(data=cfg.data, protocol=statistics_text(cfg), final_epoch=final["epoch"],
@@ -1218,8 +1176,8 @@ def write_relabels(state: TrainState) -> None:
 def write_noisy_labels(ds, path: Path) -> None:
     """--label-noise's labels: RAF-DB's label format for rafdb, else 'index class' lines."""
     names = getattr(ds, "names", None)  # RAF-DB: its file names, labels 1..7
-    labels = ds.labels.tolist()
-    lines = [f"{names[i]} {y + 1}" if names else f"{i} {y}" for i, y in enumerate(labels)]
+    lines = [f"{names[i]} {y + 1}" if names else f"{i} {y}"
+             for i, y in enumerate(ds.labels.tolist())]
     write_text(path, "\n".join(lines) + "\n")
 
 def confusion_text(conf: torch.Tensor, classes) -> str:
@@ -1249,17 +1207,14 @@ def open_checkpoint(path, cli_values: dict, command: str, flags=(), must_match=(
     model = build_model(dataclasses.replace(cfg, compile=False), len(ckpt["classes"]), "none",
                         device)
     load_weights(model, ckpt["model"], path)
-    card = {**model_card(cfg, ckpt["classes"]), **ckpt["card"]}  # older cards lack fields
+    card = ckpt["card"]
     side, net = card["decode_size"], card["img_size"]
-    accuracy = ""
-    if "test_acc" in card:  # what --predict and --export give: the batch-independent figure
-        accuracy = (f"; test accuracy {100 * card['test_acc_batch_independent']:.2f}% as "
-                    f"--predict and --export compute it, {100 * card['test_acc']:.2f}% under "
-                    "the run's protocol")
     print(f"{path}: epoch {ckpt['epoch']} of a {card['dataset']} run ({card['crops']}); "
           f"{len(card['classes'])} classes {', '.join(card['classes'])}; input RGB face crops "
           f"read at {side}x{side}, network {net}x{net}, ImageNet normalisation; "
-          f"{card['statistics']}{accuracy}; trained with torch {card['torch']}")
+          f"{card['statistics']}; test accuracy {100 * card['test_acc_batch_independent']:.2f}% "
+          f"as --predict and --export compute it, {100 * card['test_acc']:.2f}% under the run's "
+          f"protocol; trained with torch {card['torch']}")
     return ckpt, card, cfg, device, model.eval()
 
 def checkpoint_config(ckpt: dict, cli_values: dict, flags) -> Config:
@@ -1279,26 +1234,23 @@ EVAL_FLAGS = ("data", "root", "train_labels", "classes", "ferplus_label", "devic
 
 def run_eval(path, cli_values: dict) -> dict:
     """A checkpoint's test scores under both protocols of the run (ARM's official one and the
-    batch-independent one); <stem>_eval.json and <stem>_confusion.png / .txt (the official
-    protocol's)."""
+    batch-independent one); <stem>_eval.json, <stem>_confusion.png / .txt (the official one's)."""
     ckpt, card, cfg, device, model = open_checkpoint(
         path, cli_values, "eval", EVAL_FLAGS, must_match=("img_size", "arm"))
     test_ds = load_dataset(cfg.data, cfg.root, "test", decode_size(cfg), **dataset_options(cfg))
     classes = test_ds.classes
     if len(classes) != len(ckpt["classes"]):
-        raise UserError(f"{path} has {len(ckpt['classes'])} classes "
-                        f"({', '.join(ckpt['classes'])}); --data {cfg.data} has {len(classes)} "
-                        f"({', '.join(classes)})")
+        raise UserError(f"{path} has {len(ckpt['classes'])} classes ({', '.join(ckpt['classes'])})"
+                        f"; --data {cfg.data} has {len(classes)} ({', '.join(classes)})")
     images = Images(test_ds, device, "device", cfg.workers)
     refuse_unreadable(images)
-    x = images.x  # (N, 3, s, s) uint8
-    y = test_ds.labels.to(device)
-    logits = logits_of(model, x, cfg.img_size, cfg.test_batch_size, autocast(device))
-    conf = {name: confusion(v, y, len(classes)) for name, v in logits.items()}
+    conf = evaluate(model, images, test_ds.labels, cfg.img_size, cfg.test_batch_size,
+                    len(classes))  # the run's test protocol, both ways with ARM
+    n = len(test_ds)
     res = dict(checkpoint=str(path), epoch=ckpt["epoch"], data=cfg.data,
-               protocol=statistics_text(cfg), test_images=len(y), **scores(conf["official"]),
+               protocol=statistics_text(cfg), test_images=n, **scores(conf["official"]),
                classes=classes)
-    lines = [f"{path} on {cfg.data} test ({len(y)} images); {res['protocol']}"]
+    lines = [f"{path} on {cfg.data} test ({n} images); {res['protocol']}"]
     if isinstance(model.classifier, ARM):
         res["test_acc_batch_independent"] = scores(conf["batch_independent"])["test_acc"]
         lines.append(f"ARM's official protocol (g from each test batch): {score_text(res)}")
@@ -1307,7 +1259,7 @@ def run_eval(path, cli_values: dict) -> dict:
     else:
         lines.append(score_text(res))
     stem = Path(path).with_name(Path(path).stem)
-    title = f"{path} on {cfg.data} test ({len(y)} images): {score_text(res)}"
+    title = f"{path} on {cfg.data} test ({n} images): {score_text(res)}"
     save_confusion(conf["official"], classes, Path(f"{stem}_confusion"), title)
     write_text(f"{stem}_eval.json",
                json.dumps({**res, "config": dataclasses.asdict(cfg)}, indent=1) + "\n")
@@ -1335,19 +1287,17 @@ def find_images(patterns) -> list[str]:
 
 def run_predict(patterns, path, cli_values: dict, top=3, csv_path=None) -> dict:
     """Class probabilities of images read as the test images were; float32, ARM's running g."""
-    flags = ("device", "workers", "batch_size", "log_every")
+    flags = ("device", "workers", "batch_size")
     ckpt, card, cfg, device, model = open_checkpoint(path, cli_values, "predict", flags)
     classes, files = ckpt["classes"], find_images(patterns)
     images = Readable(ImageFiles(files, [0] * len(files), classes, card["decode_size"]))
     loader = torch.utils.data.DataLoader(images, min(cfg.batch_size, 256), num_workers=cfg.workers)
     probabilities, skipped = {}, []
     rows = [["path", "predicted", *classes]]
-    tick = time.time()
-    for x, _, errors in loader:
+    for x, idx, errors in loader:
         logits = logits_of(model, x.to(device), cfg.img_size, len(x))["batch_independent"]
         probs = logits.softmax(1).cpu()  # (b, C): ARM's running g, whatever the batch
-        done = len(probabilities) + len(skipped)
-        for file, prob, err in zip(files[done:], probs, errors):
+        for file, prob, err in zip([files[i] for i in idx.tolist()], probs, errors):
             if err:
                 skipped.append(file)
                 print(f"skipped: {err}", file=sys.stderr)
@@ -1357,9 +1307,6 @@ def run_predict(patterns, path, cli_values: dict, top=3, csv_path=None) -> dict:
             print(f"{file}: " + ", ".join(f"{classes[i]} {v:.3f}" for v, i in
                                           zip(best.values.tolist(), best.indices.tolist())))
             rows.append([file, classes[int(prob.argmax())], *(f"{v:.6f}" for v in prob.tolist())])
-        if time.time() - tick > cfg.log_every:
-            tick = time.time()
-            print(f"... {done + len(x)} of {len(files)} images", file=sys.stderr, flush=True)
     if csv_path:
         write_csv(csv_path, rows)
     wrote = f"; wrote {csv_path}" if csv_path else ""
@@ -1429,15 +1376,11 @@ class FaceDataset(torch.utils.data.Dataset):
         return self.image(i), int(self.labels[i]), i
 
 class ImageFiles(FaceDataset):
-    """Images on disk; `boxes` (x0, y0, x1, y1) crop to the face when given."""
+    """Images on disk; `boxes` (x0, y0, x1, y1) crop to the face; a bad file raises when read."""
 
-    def __init__(self, paths, labels, classes, size, boxes=None, layout="imagefolder"):
+    def __init__(self, paths, labels, classes, size, boxes=None):
         super().__init__(classes, labels, size)
         self.paths, self.boxes = [str(p) for p in paths], boxes
-        missing = [p for p in self.paths if not os.path.isfile(p)]
-        if missing:
-            raise layout_error(layout, f"{len(missing)} of {len(paths)} images missing, first "
-                                       f"{missing[0]}")
 
     def image(self, i):
         try:
@@ -1447,8 +1390,7 @@ class ImageFiles(FaceDataset):
             raise UserError(f"cannot read image {self.paths[i]}: {e}") from None
 
 class Readable(torch.utils.data.Dataset):
-    """A dataset's items as (uint8 (3, S, S), index, '' or why the image cannot be read): an
-    unreadable file gives a black image and its message, so one pass finds every bad file."""
+    """Items (uint8 (3, S, S), index, '' or why it cannot be read): one pass finds all bad files."""
 
     def __init__(self, ds: FaceDataset):
         self.ds = ds
@@ -1493,7 +1435,7 @@ def load_rafdb(root: Path, split, size, train_labels="", **_):
                             f"{len(unknown)} unknown (e.g. {unknown[:2]})")
         rows = [(name, other[name]) for name, _ in rows]
     paths = [root / "Image" / "aligned" / (Path(name).stem + "_aligned.jpg") for name, _ in rows]
-    ds = ImageFiles(paths, [y for _, y in rows], RAFDB_CLASSES, size, layout="rafdb")
+    ds = ImageFiles(paths, [y for _, y in rows], RAFDB_CLASSES, size)
     ds.names = [name for name, _ in rows]
     ds.true_labels = torch.tensor([y for _, y in official])
     return ds
@@ -1554,12 +1496,11 @@ def load_affectnet(root: Path, split, size, classes=8, **_):
     if not paths:
         raise layout_error("affectnet", f"no {split} images with codes 0..{classes - 1}")
     boxes = boxes if boxes and None not in box_cols else None
-    return ImageFiles(paths, labels, AFFECTNET_CLASSES[:classes], size, boxes, layout="affectnet")
+    return ImageFiles(paths, labels, AFFECTNET_CLASSES[:classes], size, boxes)
 
 def label_from_votes(votes, rule="majority") -> int:
-    """FERPlus votes (8 emotions, unknown, NF) -> class 0..7 or -1 (dropped). majority
-    (Microsoft's): drop single votes, keep a top emotion with more than half of the rest;
-    argmax (NOTE: not in the paper): the top column. Never unknown / NF."""
+    """FERPlus votes (8 emotions, unknown, NF) -> class 0..7 or -1 (dropped, as unknown / NF).
+    majority (Microsoft's): no single votes, top > half the rest; argmax (NOTE: ours): the top."""
     v = np.asarray(votes, dtype=np.float64)
     if rule == "majority":
         v = np.where(v <= 1, 0.0, v)  # outlier removal: single votes
@@ -1637,7 +1578,7 @@ def load_ferplus(root: Path, split, size, label_rule="majority", **_):
         if label >= 0:
             paths.append(folder / row[0])
             labels.append(label)
-    return ImageFiles(paths, labels, FERPLUS_CLASSES, size, layout="ferplus")
+    return ImageFiles(paths, labels, FERPLUS_CLASSES, size)
 
 # ---- Synthetic faces: cartoon faces drawn with PIL, deterministic per (seed, split, index) ----
 
@@ -1658,8 +1599,8 @@ def random_color(rng, low=0, high=256) -> tuple:
     return tuple(int(v) for v in rng.integers(low, high, 3))
 
 def draw_face(rng: np.random.Generator, label: int, size: int) -> Image.Image:
-    """A cartoon face showing `label` (RAF-DB order) at an intensity in [0.5, 1] (near neutral:
-    ambiguous), with random identity, pose, background, lighting and noise."""
+    """A cartoon face of `label` at an intensity in [0.5, 1] (near neutral: ambiguous), with
+    random identity, pose, background, lighting and noise."""
     intensity, neutral = rng.uniform(0.5, 1.0), SYNTHETIC_EXPRESSIONS[6]
     params = neutral + intensity * (SYNTHETIC_EXPRESSIONS[label] - neutral)
     face = dict(zip(SYNTHETIC_PARAMS, params + rng.normal(0, 1, 8) * SYNTHETIC_JITTER))
@@ -1758,8 +1699,7 @@ def fonts(size=15):  # Pillow >= 10.1
     return ImageFont.load_default(size=size), ImageFont.load_default(size=size - 3)
 
 def draw_confusion(conf: torch.Tensor, classes, title="") -> Image.Image:
-    """Fig. 4-style matrix: class names on both axes, count and row percentage per cell,
-    shaded by the latter. The title's "what: figures" goes on two lines."""
+    """Fig. 4-style: count and row percentage per cell, shaded by the latter; title on 2 lines."""
     font, small = fonts()
     C, cell = len(classes), 74
     left, top = 120, 160
@@ -1795,8 +1735,7 @@ def round_ticks(lo: float, hi: float, most: int = 6) -> list[float]:
     return [k * step for k in range(math.floor(lo / step), math.ceil(hi / step) + 1)]
 
 def draw_curves(history: list, data: str) -> Image.Image:
-    """curves.png: per epoch, a panel each for accuracy, losses, the schedule (Eq. 4, lr) and
-    CUEM's relabels: a line per series (its name in its colour), round ticks, epochs below."""
+    """curves.png: per epoch, panels of accuracy, losses, the schedule (Eq. 4, lr), relabels."""
     font, small = fonts()
     img = Image.new("RGB", (1120, 760), "white")
     draw = ImageDraw.Draw(img)
@@ -1813,11 +1752,10 @@ def draw_curves(history: list, data: str) -> Image.Image:
                                                  ("recall", "relabel_recall", 100)]}
     epochs = [r["epoch"] for r in history]
     epoch_ticks = [e for e in round_ticks(epochs[0], epochs[-1], 10) if e in epochs] or epochs
+    w, h = 440, 240  # a panel's size
     for k, (title, series) in enumerate(panels.items()):
-        x0 = 80 + 550 * (k % 2)  # the panel's corner, width and height
+        x0 = 80 + 550 * (k % 2)  # the panel's corner
         y0 = 80 + 350 * (k // 2)
-        w = 440
-        h = 240
         def at_x(e):  # the epoch's point in the panel
             return x0 + w * (epochs.index(e) + 0.5) / len(epochs)
         # None where a figure does not exist (L_sup is not computed while lambda = 0)
@@ -1869,9 +1807,8 @@ def draw_relabels(tiles: list, title: str) -> Image.Image:
 # ==== Appendix C: --benchmark, side by side in one run =========================================
 
 def benchmark(cfg: Config, cli_values: dict, rounds=None) -> dict:
-    """Samples/s of the baseline step (one view), the full step (two views, momentum update,
-    Eq. 2, CUEM, enqueue) and the same in --deterministic mode, two augmented views and the
-    eval-mode network: medians of interleaved repeats; peak memory."""
+    """Samples/s, medians of interleaved repeats, of the baseline step (one view), the full step
+    (also deterministic), two augmented views, the eval-mode network; peak memory."""
     device = pick_device(cfg.device)
     cuda = device.type == "cuda"
     S = cfg.img_size if "img_size" in cli_values else (224 if cuda else 112)
@@ -1889,11 +1826,10 @@ def benchmark(cfg: Config, cli_values: dict, rounds=None) -> dict:
     y, amp = torch.randint(0, 7, (B,), device=device), autocast(device)
     step = dict(m=0.99, tau=0.1, theta=0.1, amp=amp)
     def full_step(deterministic=False):
-        torch.use_deterministic_algorithms(deterministic)  # off again after the step
-        try:
-            return train_step(model, opt, x_q, x_k, y, lam=0.5, use_cuem=True, **step)
-        finally:
-            torch.use_deterministic_algorithms(False)
+        torch.use_deterministic_algorithms(deterministic)
+        out = train_step(model, opt, x_q, x_k, y, lam=0.5, use_cuem=True, **step)
+        torch.use_deterministic_algorithms(False)  # off again for the other jobs
+        return out
     jobs = dict(
         baseline_samples_per_s=lambda: train_step(model, opt, x_q, None, y, lam=0.0,
                                                   use_cuem=False, **step),
@@ -1989,8 +1925,7 @@ def validate(cfg: Config, cli_values: dict) -> None:
         (cfg.queue_size >= 1, f"--queue-size {cfg.queue_size}: expected at least 1"),
         (0 <= (cfg.momentum or 0) <= 1, f"--momentum {cfg.momentum}: expected a value in [0, 1]"),
         (cfg.tau > 0, f"--tau {cfg.tau}: expected a positive temperature"),
-        (0 <= cfg.theta <= 2, f"--theta {cfg.theta}: expected a value in [0, 2] (u is a "
-                              "difference of two mean cosines)"),
+        (0 <= cfg.theta <= 2, f"--theta {cfg.theta}: expected a value in [0, 2] (u's range)"),
         (cfg.alpha > 0, f"--alpha {cfg.alpha}: expected a positive number of epochs"),
         (cfg.beta >= 0, f"--beta {cfg.beta}: expected a weight of 0 or more"),
         (cfg.lr > 0, f"--lr {cfg.lr}: expected a positive learning rate"),

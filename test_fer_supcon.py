@@ -935,9 +935,10 @@ def test_rafdb_train_labels_file_must_list_every_training_image(tmp_path):
 
 def test_rafdb_names_a_missing_image(tmp_path):
     write_rafdb(tmp_path)
-    (tmp_path / "Image" / "aligned" / "train_00003_aligned.jpg").unlink()
-    with pytest.raises(fs.UserError, match="1 of 6 images missing, first .*train_00003_aligned"):
-        fs.load_dataset("rafdb", tmp_path, "train", 24)
+    missing = tmp_path / "Image" / "aligned" / "train_00003_aligned.jpg"
+    missing.unlink()
+    _, unreadable = fs.decode_all(fs.load_dataset("rafdb", tmp_path, "train", 24), 0)
+    assert len(unreadable) == 1 and unreadable[0].startswith(f"cannot read image {missing}: ")
 
 
 def test_rafdb_names_a_malformed_label_line(tmp_path):
@@ -1779,6 +1780,9 @@ def bad_input(tmp_path):
 
 
 RAF_EMPTY = ["--data", "rafdb", "--root", "{tmp}/empty"]
+# a second of training if a refusal is missing: the case then fails fast, with no "run" folder
+QUICK = ["--synthetic-train", "32", "--synthetic-test", "16", "--img-size", "32", "--no-arm",
+         "--epochs", "1", "--workers", "0", "--out", "{tmp}/run"]
 BAD_INPUT = {  # case: (arguments, the message's key part)
     "rafdb root missing": (["--data", "rafdb", "--root", "{tmp}/nope"], "is not a folder"),
     "rafdb root wrong": (RAF_EMPTY, "list_patition_label.txt"),
@@ -1793,14 +1797,14 @@ BAD_INPUT = {  # case: (arguments, the message's key part)
     "label noise": (["--label-noise", "1.0"], "expected a fraction in [0, 1)"),
     "batch size": (["--batch-size", "1"], "expected at least 2"),
     "momentum": (["--momentum", "1.5"], "expected a value in [0, 1]"),
-    "negative learning rate": (["--lr", "-1"], "--lr -1.0: expected a positive learning rate"),
-    "zero learning rate": (["--lr", "0"], "--lr 0.0: expected a positive learning rate"),
-    "negative weight decay": (["--weight-decay", "-1"], "--weight-decay -1.0: expected 0 or"),
-    "theta below 0": (["--theta", "-0.1"], "--theta -0.1: expected a value in [0, 2]"),
-    "theta above 2": (["--theta", "2.5"], "--theta 2.5: expected a value in [0, 2]"),
-    "lr decay 0": (["--lr-decay", "0"], "--lr-decay 0.0: expected a factor in (0, 1]"),
-    "lr decay above 1": (["--lr-decay", "1.1"], "--lr-decay 1.1: expected a factor in (0, 1]"),
-    "negative beta": (["--beta", "-0.5"], "--beta -0.5: expected a weight of 0 or more"),
+    "negative learning rate": (["--lr", "-1", *QUICK], "--lr -1.0: expected a positive"),
+    "zero learning rate": (["--lr", "0", *QUICK], "--lr 0.0: expected a positive learning rate"),
+    "negative weight decay": (["--weight-decay", "-1", *QUICK], "--weight-decay -1.0: expected"),
+    "theta below 0": (["--theta", "-0.1", *QUICK], "--theta -0.1: expected a value in [0, 2]"),
+    "theta above 2": (["--theta", "2.5", *QUICK], "--theta 2.5: expected a value in [0, 2]"),
+    "lr decay 0": (["--lr-decay", "0", *QUICK], "--lr-decay 0.0: expected a factor in (0, 1]"),
+    "lr decay above 1": (["--lr-decay", "1.1", *QUICK], "--lr-decay 1.1: expected a factor in"),
+    "negative beta": (["--beta", "-0.5", *QUICK], "--beta -0.5: expected a weight of 0 or more"),
     "folder without images": (["--data", "imagefolder", "--root", "{tmp}/noimg"], "no images"),
     "missing checkpoint": (["--eval", "{tmp}/none.pt"], "does not exist"),
     "truncated checkpoint": (["--eval", "{tmp}/truncated.pt"], "not a readable torch file"),
@@ -1834,12 +1838,16 @@ def test_bad_input_gives_one_line_and_exit_2(case, bad_input, capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2
     assert len(err.splitlines()) == 1 and err.startswith("fer_supcon: error: ") and message in err
+    assert not Path(bad_input(["{tmp}/run"])[0]).exists()  # refused before any output
 
 
 CHECKPOINT_MISUSE = {  # case: (arguments after --eval CKPT, the message's key part)
     "checkpoint does not fit": (["--img-size", "96"], "--img-size 96 (checkpoint: 64)"),
     "flag for another command": (["--lr", "0.1"], "--lr does not apply to --eval"),
     "other classes": (["--data", "ferplus", "--root", "{tmp}/fp"], "has 7 classes"),
+    "unreadable test image": (["--data", "rafdb", "--root", "{tmp}/raf"],
+                              "unreadable images: 1 (nothing was trained or written); the first "
+                              "1: cannot read image {tmp}/raf/Image/aligned/test_0001_aligned.jpg"),
 }
 
 
@@ -1850,11 +1858,13 @@ def test_checkpoint_misuse_gives_one_line_and_exit_2(case, arm_ckpt, tmp_path, c
     Image.new("L", (48, 48)).save(tmp_path / "fp" / "FER2013Test" / "a.png")
     (tmp_path / "fp" / "FER2013Test" / "label.csv").write_text(
         'a.png,"(0, 0, 48, 48)",0,9,0,0,0,0,0,0,0,0\n')
+    write_rafdb(tmp_path / "raf")
+    (tmp_path / "raf" / "Image" / "aligned" / "test_0001_aligned.jpg").write_bytes(b"\xff\xd8")
     args, message = CHECKPOINT_MISUSE[case]
     with pytest.raises(SystemExit) as e:
         fs.main(["--eval", str(arm_ckpt), *[a.format(tmp=tmp_path) for a in args]])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and message.format(tmp=tmp_path) in err
 
 
 @slow
@@ -1874,7 +1884,7 @@ def test_unreadable_images_are_refused_at_once_before_training(tmp_path, cache):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     err = r.stderr.strip()
     assert len(err.splitlines()) == 1
-    assert err.startswith("fer_supcon: error: 4 of 9 images cannot be read")
+    assert err.startswith("fer_supcon: error: unreadable images: 4 (nothing was trained or")
     assert [f"cannot read image {path}: " in err for path in bad] == [True] * 3 + [False]
     assert "== epoch" not in r.stdout and not (tmp_path / "o").exists()
 
