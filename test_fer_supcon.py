@@ -612,6 +612,16 @@ def readme_section(title):
     return text[start:end if end > 0 else None]
 
 
+def test_the_pieces_the_readme_lists_use_public_torch_apis_only():
+    listed = readme_section("Using the pieces").split("```")[0].split(" each run ")[0]
+    names = re.findall(r"`(\w+)`", listed)
+    assert set(names) >= {"supcon_loss", "cuem", "momentum_update", "ARM"}, names
+    for name in names:  # torch._foreach_lerp_, F._canonical_mask, ...: internals that may change
+        source = inspect.getsource(getattr(fs, name))
+        private = re.findall(r"\b(?:torch|nn|F)(?:\.\w+)*\._\w+", source)
+        assert not private, (name, private)
+
+
 @slow  # a fresh interpreter
 def test_readme_snippet_prints_what_the_readme_says():
     section = readme_section("Using the pieces")
